@@ -1,0 +1,3 @@
+from hcd.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The ``hcd`` command: every stage by name, plus pipeline tools.
+
+    hcd download | scan | split | stats ...   one stage (what the engines run)
+    hcd pipeline write|check                  regenerate / verify dvc.yaml
+    hcd demo-truth OUT_DIR                     demo test labels and slide groups
+
+A stage that fails on input the user can fix prints one line —
+``hcd scan: error: data/raw/hcd.zip: no train_labels.csv at the top level`` —
+and exits 2; nothing it had produced before is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+from hcd.errors import HcdError
+
+STAGE_MODULES = {"download": "hcd.download", "scan": "hcd.scan", "split": "hcd.split", "stats": "hcd.stats"}
+
+
+def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str] | None = None) -> None:
+    """Call a stage's ``main`` and turn user-fixable failures into one line and exit code 2."""
+    try:
+        fn(argv)
+    except HcdError as err:
+        print(f"hcd {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # disk full, permissions, ...: name the file, no traceback
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"hcd {name}: error: {where}{err.strerror or err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"hcd {name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd in STAGE_MODULES:
+        run_stage(importlib.import_module(STAGE_MODULES[cmd]).main, cmd, rest)
+    elif cmd == "pipeline":
+        from hcd.pipeline import main as pipeline_main
+
+        run_stage(pipeline_main, "pipeline", rest)
+    elif cmd == "demo-truth":
+        from hcd.params import load_params
+        from hcd.synth import write_truth
+
+        def _truth(a: list[str] | None) -> None:
+            if not a:
+                raise HcdError("usage: hcd demo-truth OUT_DIR [PARAMS]")
+            write_truth(a[0], load_params(a[1] if len(a) > 1 else "params.yaml").data.demo)
+
+        run_stage(_truth, "demo-truth", rest)
+    else:
+        print(f"hcd: unknown command {cmd!r} (try: hcd --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,95 @@
+"""Packed patch arrays: one ``.npy`` file of N×96×96×3 uint8, memory-mappable.
+
+Written by :class:`PackWriter` without ever holding the images in memory: rows
+are written with ``pwrite`` at their slot (by several processes at once), then
+the file is compacted in place to the usable rows, its header rewritten for the
+final N and truncated — one decode per patch, one file, no second copy.
+Readers use :func:`open_packed` (``np.load(..., mmap_mode="r")``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hcd import PATCH_SHAPE
+from hcd.errors import HcdError
+
+ROW_BYTES = int(np.prod(PATCH_SHAPE))
+_HEADER_BYTES = 128  # fixed header size (numpy format 1.0, 64-byte aligned): room for any N
+
+
+def _header(n: int) -> bytes:
+    d = {"descr": "|u1", "fortran_order": False, "shape": (n, *PATCH_SHAPE)}
+    body = repr(d).encode("latin1")
+    pad = _HEADER_BYTES - 10 - len(body) - 1
+    if pad < 0:  # pragma: no cover - only for absurd N
+        raise ValueError("header too long")
+    return b"\x93NUMPY\x01\x00" + (_HEADER_BYTES - 10).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+class PackWriter:
+    """Create ``path`` with room for ``capacity`` rows; workers fill slots; :meth:`finish` compacts."""
+
+    def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
+        self.path = Path(path)
+        self.capacity = capacity
+        with open(self.path, "wb") as fh:
+            fh.write(_header(capacity))
+            fh.truncate(_HEADER_BYTES + capacity * ROW_BYTES)  # sparse: costs no disk until written
+
+    @staticmethod
+    def write_row(fd: int, slot: int, row: np.ndarray) -> None:
+        """Write one 96x96x3 uint8 row at ``slot`` (any process holding an fd of the file)."""
+        data = np.ascontiguousarray(row, dtype=np.uint8).tobytes()
+        if len(data) != ROW_BYTES:
+            raise ValueError(f"row has {len(data)} bytes, expected {ROW_BYTES}")
+        off = _HEADER_BYTES + slot * ROW_BYTES
+        while data:  # pwrite may write less than asked
+            n = os.pwrite(fd, data, off)
+            data, off = data[n:], off + n
+
+    def finish(self, keep: np.ndarray, chunk_rows: int = 2048) -> int:
+        """Keep only rows where ``keep`` is True (order preserved); return the final N."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.capacity,):
+            raise ValueError("keep mask must have one entry per slot")
+        src = np.flatnonzero(keep)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            dst = 0
+            for start in range(0, len(src), chunk_rows):
+                rows = src[start : start + chunk_rows]
+                # runs of consecutive source rows move as one block; dst <= src always
+                breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                for run in np.split(rows, breaks):
+                    if run[0] != dst:
+                        nbytes = len(run) * ROW_BYTES
+                        buf = os.pread(fd, nbytes, _HEADER_BYTES + int(run[0]) * ROW_BYTES)
+                        if len(buf) != nbytes:  # pragma: no cover
+                            raise OSError("short read while compacting")
+                        mv, off = memoryview(buf), _HEADER_BYTES + dst * ROW_BYTES
+                        while mv:
+                            n = os.pwrite(fd, mv, off)
+                            mv, off = mv[n:], off + n
+                    dst += len(run)
+            os.pwrite(fd, _header(dst), 0)
+            os.ftruncate(fd, _HEADER_BYTES + dst * ROW_BYTES)
+        finally:
+            os.close(fd)
+        return dst
+
+
+def open_packed(path: str | os.PathLike[str]) -> np.ndarray:
+    """Memory-map a packed array read-only (no pixels are read until indexed)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise HcdError(f"{path}: file not found (run the scan stage first)") from None
+    except (ValueError, OSError) as exc:
+        raise HcdError(f"{path}: not a packed patch array ({exc})") from None
+    if arr.dtype != np.uint8 or arr.shape[1:] != PATCH_SHAPE:
+        raise HcdError(f"{path}: expected N x 96 x 96 x 3 uint8, found {arr.shape} {arr.dtype}")
+    return arr

@@ -1,0 +1,239 @@
+"""Read a Kaggle-layout dataset straight from its zip archive or an extracted folder.
+
+Layout (the competition archive ``histopathologic-cancer-detection.zip``)::
+
+    train_labels.csv        id,label
+    sample_submission.csv   id,label
+    train/<40-hex id>.tif
+    test/<40-hex id>.tif
+
+A single enclosing top folder (``histopathologic-cancer-detection/train/...``) is
+accepted too. Nothing is extracted: members are read into memory one at a time,
+so member names (``../``, absolute paths, symlinks) can never write anywhere.
+
+For speed a zip member is read from an ``mmap`` of the archive using the offsets
+of zipfile's own central-directory parse, inflated with ISA-L (``isal``, falls
+back to zlib) and CRC-checked; members in other compression methods go through
+:mod:`zipfile` itself.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from hcd.errors import HcdError
+from hcd.tiff import PatchError
+
+try:  # ISA-L: ~1.7x faster inflate, ~5x faster crc32 than zlib on these members
+    from isal import isal_zlib as _z
+except ImportError:  # pragma: no cover - isal is a declared dependency
+    _z = zlib  # type: ignore[assignment]
+
+ID_RE = re.compile(r"^[0-9a-f]{40}$")
+MAX_MEMBER_BYTES = 8 * 1024 * 1024  # a 96x96 patch is ~28 KB; larger is refused unread (zip bomb)
+_LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
+
+# A member reference travels to worker processes: plain tuples, no ZipInfo.
+# zip:  (name, header_offset, compress_size, file_size, compress_type, crc, flag_bits)
+# dir:  (relative path,)
+Ref = tuple
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a source holds: patch ids -> member refs, plus odd members."""
+
+    train: dict[str, Ref]
+    test: dict[str, Ref]
+    odd: list[tuple[str, str, str]]  # (split, member name, reason) for misnamed files
+
+
+def _classify(names: list[str], label: str) -> tuple[str, dict[str, int], dict[str, int], list[tuple[str, str, str]]]:
+    """Find the dataset root inside ``names`` and index the patch members by id."""
+    roots = [n[: -len("train_labels.csv")] for n in names if n.endswith("train_labels.csv") and n.count("/") <= 1]
+    roots = [r for r in roots if r == "" or r.endswith("/")]
+    if not roots:
+        raise HcdError(f"{label}: no train_labels.csv at the top level (is this the Kaggle histopathologic-cancer-detection archive?)")
+    root = "" if "" in roots else sorted(roots)[0]
+    train: dict[str, int] = {}
+    test: dict[str, int] = {}
+    odd: list[tuple[str, str, str]] = []
+    for pos, name in enumerate(names):
+        if not name.startswith(root):
+            continue
+        rel = name[len(root) :]
+        for split, table in (("train", train), ("test", test)):
+            prefix = split + "/"
+            if rel.startswith(prefix) and len(rel) > len(prefix):
+                base = rel[len(prefix) :]
+                if base.endswith("/"):
+                    continue  # directory entry
+                stem, dot, ext = base.rpartition(".")
+                if "/" in base or not dot or ext.lower() not in ("tif", "tiff") or not ID_RE.match(stem):
+                    odd.append((split, name, "not named <40-hex id>.tif"))
+                elif stem in table:
+                    odd.append((split, name, "same id as another member"))
+                else:
+                    table[stem] = pos
+    return root, train, test, odd
+
+
+class ZipSource:
+    """A Kaggle-layout zip archive."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.label = str(self.path)
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                self._infos = zf.infolist()
+        except FileNotFoundError:
+            raise HcdError(f"{self.label}: archive not found") from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise HcdError(f"{self.label}: not a readable zip archive ({exc})") from None
+        names = [i.filename for i in self._infos]
+        self.root, train, test, self._odd = _classify(names, self.label)
+        self._by_name = {i.filename: i for i in self._infos}
+        self._train = {k: self._ref(self._infos[v]) for k, v in train.items()}
+        self._test = {k: self._ref(self._infos[v]) for k, v in test.items()}
+        self._mm: mmap.mmap | None = None
+
+    @staticmethod
+    def _ref(info: zipfile.ZipInfo) -> Ref:
+        return (info.filename, info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC, info.flag_bits)
+
+    def listing(self) -> Listing:
+        return Listing(self._train, self._test, list(self._odd))
+
+    def read_meta(self, name: str) -> bytes | None:
+        """A top-level file such as ``train_labels.csv``; None when absent."""
+        info = self._by_name.get(self.root + name)
+        if info is None:
+            return None
+        if info.file_size > 512 * 1024 * 1024:
+            raise HcdError(f"{self.label}: {name} declares {info.file_size:,} bytes, refused")
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                return zf.read(info)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+            raise HcdError(f"{self.label}: {name} cannot be read ({exc})") from None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def read(self, ref: Ref) -> bytes:
+        """Bytes of one member, or :class:`PatchError` (never more than MAX_MEMBER_BYTES)."""
+        name, offset, csize, size, method, crc, flags = ref
+        if size > MAX_MEMBER_BYTES or csize > MAX_MEMBER_BYTES:
+            raise PatchError("undecodable", f"zip member declares {max(size, csize):,} bytes, refused unread")
+        if flags & 0x1:
+            raise PatchError("undecodable", "zip member is encrypted")
+        mm = self._map()
+        try:
+            sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack_from(mm, offset)
+        except struct.error:
+            raise PatchError("undecodable", "zip member header lies past the end of the archive") from None
+        if sig != b"PK\x03\x04":
+            raise PatchError("undecodable", "corrupt zip member (bad local header)")
+        start = offset + _LOCAL.size + nlen + elen
+        if start + csize > len(mm):
+            raise PatchError("undecodable", "zip member truncated (archive ends early)")
+        raw = mm[start : start + csize]
+        if method == zipfile.ZIP_STORED:
+            data = raw
+        elif method == zipfile.ZIP_DEFLATED:
+            try:
+                d = _z.decompressobj(-15)
+                data = d.decompress(raw, MAX_MEMBER_BYTES + 1)
+            except (zlib.error, getattr(_z, "error", zlib.error)) as exc:
+                raise PatchError("undecodable", f"corrupt zip member ({exc})") from None
+            if len(data) > MAX_MEMBER_BYTES:
+                raise PatchError("undecodable", "zip member inflates past the size limit, refused")
+        else:
+            try:
+                with zipfile.ZipFile(self.path) as zf, zf.open(name) as fh:
+                    data = fh.read(MAX_MEMBER_BYTES + 1)
+            except (zipfile.BadZipFile, NotImplementedError, zlib.error, OSError, EOFError) as exc:
+                raise PatchError("undecodable", f"zip member cannot be read ({exc})") from None
+            return data
+        if len(data) != size or _z.crc32(data) != crc:
+            raise PatchError("undecodable", "zip member fails its CRC check (corrupt archive)")
+        return data
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def __getstate__(self) -> dict:  # workers re-open their own mmap
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        state["_infos"] = []
+        state["_by_name"] = {}
+        return state
+
+
+class DirSource:
+    """An extracted Kaggle-layout folder."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.label = str(self.path)
+        if not self.path.is_dir():
+            raise HcdError(f"{self.label}: folder not found")
+        names: list[str] = [f for f in ("train_labels.csv", "sample_submission.csv") if (self.path / f).is_file()]
+        if not names:
+            subs = [p for p in self.path.iterdir() if p.is_dir() and (p / "train_labels.csv").is_file()]
+            if len(subs) == 1:
+                self.path = subs[0]
+                names = [f for f in ("train_labels.csv", "sample_submission.csv") if (self.path / f).is_file()]
+        for split in ("train", "test"):
+            d = self.path / split
+            if d.is_dir():
+                with os.scandir(d) as it:
+                    names.extend(f"{split}/{e.name}" for e in it if not e.is_dir(follow_symlinks=False))
+        self.root, train, test, self._odd = _classify(names, self.label)
+        self._train = {k: (names[v],) for k, v in train.items()}
+        self._test = {k: (names[v],) for k, v in test.items()}
+
+    def listing(self) -> Listing:
+        return Listing(self._train, self._test, list(self._odd))
+
+    def read_meta(self, name: str) -> bytes | None:
+        p = self.path / name
+        return p.read_bytes() if p.is_file() else None
+
+    def read(self, ref: Ref) -> bytes:
+        p = self.path / ref[0]
+        if p.is_symlink():
+            raise PatchError("undecodable", "symbolic link, not read")
+        try:
+            size = p.stat().st_size
+            if size > MAX_MEMBER_BYTES:
+                raise PatchError("undecodable", f"file is {size:,} bytes, refused unread")
+            return p.read_bytes()
+        except OSError as exc:
+            raise PatchError("undecodable", f"cannot be read ({exc.strerror})") from None
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(path: str | os.PathLike[str]) -> ZipSource | DirSource:
+    """A zip archive or an extracted folder, whichever ``path`` is."""
+    p = Path(path)
+    if p.is_dir():
+        return DirSource(p)
+    if not p.exists():
+        raise HcdError(f"{p}: not found")
+    return ZipSource(p)

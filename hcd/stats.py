@@ -1,0 +1,72 @@
+"""Stage ``stats``: per-channel mean and std of the training side.
+
+One streaming pass over the packed array (chunks of rows, never the whole
+array in memory), validation rows and outliers excluded. Sums of pixels and of
+their squares are accumulated in unsigned 64-bit integers — exact for any
+dataset size (float64 accumulation would also do; integers cost the same and
+leave no rounding at all) — and turned into float64 mean/std once at the end.
+Writes ``stats.json``, which training reads for normalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hcd.errors import HcdError
+from hcd.io import clean_stale_temps, write_json
+from hcd.packed import open_packed
+from hcd.split import read_index
+
+
+def channel_stats(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 1024) -> dict:
+    """Mean and population std per channel of ``x[rows]`` (uint8 N x H x W x 3), on the 0..1 scale."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    if len(rows) == 0:
+        raise HcdError("stats: no training rows to compute statistics from")
+    s1 = np.zeros(3, dtype=np.uint64)
+    s2 = np.zeros(3, dtype=np.uint64)
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(x[rows[start : start + chunk_rows]]).reshape(-1, 3)  # (chunk*H*W, 3) uint8
+        s1 += block.sum(axis=0, dtype=np.uint64)
+        sq = block.astype(np.uint16)
+        sq *= sq  # 255^2 fits in uint16
+        s2 += sq.sum(axis=0, dtype=np.uint64)
+    n = len(rows) * int(np.prod(x.shape[1:3]))
+    # exact integer arithmetic until the final division
+    mean = [int(a) / n for a in s1]
+    var = [(int(b) * n - int(a) * int(a)) / (n * n) for a, b in zip(s1, s2)]
+    return {
+        "mean": [m / 255.0 for m in mean],
+        "std": [float(np.sqrt(v)) / 255.0 for v in var],
+        "mean_255": mean,
+        "std_255": [float(np.sqrt(v)) for v in var],
+        "n_patches": int(len(rows)),
+        "n_pixels": int(n),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="stats", description=__doc__.splitlines()[0])
+    ap.add_argument("packed", help="data/packed/train_x.npy")
+    ap.add_argument("index", help="data/packed/train_index.csv")
+    ap.add_argument("split", help="data/split/split.csv")
+    ap.add_argument("--out", default="data/stats/stats.json")
+    args = ap.parse_args(argv)
+    clean_stale_temps(args.out)
+    x = open_packed(args.packed)
+    index = read_index(args.index)
+    sides = pd.read_csv(args.split, dtype={"id": str})
+    if len(index) != len(x) or len(sides) != len(index) or not (sides["id"].to_numpy() == index["id"].to_numpy()).all():
+        raise HcdError(f"{args.split}: does not match {args.index} (rerun split)")
+    use = (sides["side"] == "train").to_numpy()
+    if "outlier" in index.columns:
+        use = use & (index["outlier"].to_numpy() == 0)
+    stats = channel_stats(x, index["row"].to_numpy()[use])
+    write_json(Path(args.out), stats)
+    m, s = stats["mean"], stats["std"]
+    print(f"stats: {stats['n_patches']} patches, mean {[round(v, 4) for v in m]}, std {[round(v, 4) for v in s]}", file=sys.stderr)

@@ -1,0 +1,315 @@
+"""A deterministic synthetic PCam-like dataset, written in the Kaggle layout.
+
+Why: a fresh clone must run end to end offline, and tests need data whose truth
+is known. Each patch is H&E-like — pink eosin stroma with fibre texture, pale
+lumen/fat, small dark-purple normal nuclei — and tumour cells are clusters of
+larger, pleomorphic, vesicular nuclei. The label is 1 exactly when a tumour
+nucleus reaches into the centre 32×32 px; negatives carry tumour clusters
+*off-centre*, so a model must learn the centre rule, not "tumour anywhere".
+
+Patches come from slides. A slide has one of two "hospital" stain palettes
+(plus its own jitter), a nucleus density and a tumour burden, so neighbouring
+patches share appearance and positives cluster in tumour slides — a random
+split leaks, as on the real data. Test patches come from other slides.
+
+Determinism: ids, labels and slides are drawn from one RNG stream
+(:func:`truth`), each patch is rendered from its own ``(seed, split, index)``
+stream, so the archive is byte-identical for the same params on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hcd.io import atomic_path
+from hcd.params import DemoParams
+from hcd.tiff import encode_patch
+
+SIZE = 96
+CENTRE = (32, 64)  # the labelled centre region, [32, 64) on both axes
+_ZIP_DATE = (2019, 1, 1, 0, 0, 0)  # fixed member dates: archives are byte-identical
+
+# Stain palettes (RGB) of the two "hospitals": eosin (stroma), haematoxylin (nuclei).
+_HOSPITALS = (
+    {"eosin": (236, 160, 196), "haem": (72, 38, 128), "bg": (246, 222, 236)},
+    {"eosin": (222, 138, 168), "haem": (96, 52, 150), "bg": (240, 214, 226)},
+)
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What the generator knows: ids, labels and slides for both sides."""
+
+    train: pd.DataFrame  # id, label, slide
+    test: pd.DataFrame  # id, label, slide
+
+
+def _hex_id(seed: int, split: str, i: int) -> str:
+    return hashlib.sha1(f"hcd-demo:{seed}:{split}:{i}".encode()).hexdigest()
+
+
+def _slides(rng: np.random.Generator, n_slides: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "hospital": rng.integers(0, 2, n_slides),
+            "burden": rng.uniform(0.05, 0.85, n_slides),
+            "density": rng.uniform(0.7, 1.3, n_slides),
+            "jitter_r": rng.normal(0, 6, n_slides),
+            "jitter_g": rng.normal(0, 6, n_slides),
+            "jitter_b": rng.normal(0, 6, n_slides),
+        }
+    )
+
+
+def _assign(rng: np.random.Generator, n: int, frac: float, slides: pd.DataFrame, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly round(n*frac) positives; positives land mostly in high-burden slides."""
+    labels = np.zeros(n, dtype=np.int64)
+    labels[: int(round(n * frac))] = 1
+    rng.shuffle(labels)
+    w = slides["burden"].to_numpy()
+    p_pos, p_neg = w / w.sum(), (1 - w) / (1 - w).sum()
+    slide = np.where(
+        labels == 1,
+        rng.choice(len(w), size=n, p=p_pos),
+        rng.choice(len(w), size=n, p=p_neg),
+    )
+    return labels, slide + offset
+
+
+def truth(p: DemoParams) -> Truth:
+    """Ids, labels and slide of every demo patch — cheap, no rendering."""
+    rng = np.random.default_rng([p.seed, 1])
+    n_test_slides = max(2, p.n_slides // 4)
+    tr_slides, te_slides = _slides(rng, p.n_slides), _slides(rng, n_test_slides)
+    tr_lab, tr_sl = _assign(rng, p.n_train, p.positive_fraction, tr_slides, 0)
+    te_lab, te_sl = _assign(rng, p.n_test, p.positive_fraction, te_slides, p.n_slides)
+    train = pd.DataFrame({"id": [_hex_id(p.seed, "train", i) for i in range(p.n_train)], "label": tr_lab, "slide": tr_sl})
+    test = pd.DataFrame({"id": [_hex_id(p.seed, "test", i) for i in range(p.n_test)], "label": te_lab, "slide": te_sl})
+    return Truth(train, test)
+
+
+def _all_slides(p: DemoParams) -> pd.DataFrame:
+    rng = np.random.default_rng([p.seed, 1])
+    return pd.concat([_slides(rng, p.n_slides), _slides(rng, max(2, p.n_slides // 4))], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- rendering
+_GRID = np.arange(SIZE, dtype=np.float32)
+
+
+def _smooth_field(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """A smooth random field in [-1, 1], 96x96: bilinear upsampling of a coarse grid."""
+    coarse = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    x = np.linspace(0, cells - 1, SIZE, dtype=np.float32)
+    i0 = np.clip(x.astype(int), 0, cells - 2)
+    t = x - i0
+    m = np.zeros((SIZE, cells), np.float32)  # interpolation matrix, 96 x cells
+    m[np.arange(SIZE), i0] = 1 - t
+    m[np.arange(SIZE), i0 + 1] += t
+    return m @ coarse @ m.T
+
+
+def _nucleus(img: np.ndarray, rng: np.random.Generator, cy: float, cx: float, r: float, color: np.ndarray, aspect: float, vesicular: float, opacity: float) -> None:
+    """Alpha-blend one elliptical nucleus with soft edges and chromatin texture into ``img``."""
+    a, b = r * aspect, r / aspect
+    ext = int(np.ceil(max(a, b))) + 2
+    y0, y1 = max(0, int(cy) - ext), min(SIZE, int(cy) + ext + 1)
+    x0, x1 = max(0, int(cx) - ext), min(SIZE, int(cx) + ext + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    th = rng.uniform(0, np.pi)
+    yy, xx = _GRID[y0:y1, None] - cy, _GRID[None, x0:x1] - cx
+    u = xx * np.cos(th) + yy * np.sin(th)
+    v = -xx * np.sin(th) + yy * np.cos(th)
+    d = np.sqrt((u / a) ** 2 + (v / b) ** 2)  # 1 on the membrane
+    alpha = np.clip((1.0 - d) * 3.0, 0.0, 1.0) * opacity
+    # vesicular nuclei: pale centre, dark rim; plus granular chromatin
+    alpha *= 1.0 - vesicular * np.clip(1.0 - d * 1.6, 0.0, 1.0)
+    alpha *= rng.uniform(0.75, 1.0, alpha.shape).astype(np.float32)
+    patch = img[y0:y1, x0:x1]
+    patch += alpha[..., None] * (color - patch)
+
+
+def _touches_centre(cy: float, cx: float, r: float) -> bool:
+    lo, hi = CENTRE
+    return (lo - r < cy < hi - 1 + r) and (lo - r < cx < hi - 1 + r)
+
+
+def render(seed: int, split: str, index: int, label: int, slide: pd.Series) -> np.ndarray:
+    """One 96x96x3 uint8 H&E-like patch; tumour in the centre 32x32 iff ``label``."""
+    rng = np.random.default_rng([seed, 2, 0 if split == "train" else 1, index])
+    pal = _HOSPITALS[int(slide["hospital"])]
+    jitter = np.array([slide["jitter_r"], slide["jitter_g"], slide["jitter_b"]], np.float32)
+    eosin = np.array(pal["eosin"], np.float32) + jitter
+    haem = np.array(pal["haem"], np.float32) + jitter * 0.5
+    bg = np.array(pal["bg"], np.float32)
+
+    # stroma: smooth density variation + oriented fibres; pale lumen/fat where the field is high
+    dens = _smooth_field(rng, 5)
+    ang, freq = rng.uniform(0, np.pi), rng.uniform(0.25, 0.6)
+    fibres = np.sin((_GRID[:, None] * np.sin(ang) + _GRID[None, :] * np.cos(ang)) * freq + rng.uniform(0, 6.3))
+    stroma = np.clip(0.75 + 0.2 * dens + 0.08 * fibres * (0.5 + 0.5 * _smooth_field(rng, 4)), 0.0, 1.0)
+    lumen = np.clip((_smooth_field(rng, 4) - rng.uniform(0.35, 1.2)) * 4.0, 0.0, 1.0)
+    stroma *= 1.0 - lumen
+    img = bg + stroma[..., None] * (eosin - bg)
+
+    density = float(slide["density"])
+    # normal nuclei: small, round, dark
+    for _ in range(int(rng.poisson(26 * density))):
+        _nucleus(img, rng, rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(1.6, 3.3), haem * rng.uniform(0.75, 1.05), rng.uniform(1.0, 1.35), 0.0, rng.uniform(0.75, 0.95))
+
+    # tumour clusters: large, pleomorphic, vesicular nuclei on a purplish cytoplasm
+    tumour_color = haem * np.array([1.05, 0.9, 1.0], np.float32)
+    clusters: list[tuple[float, float, bool]] = []  # (cy, cx, may touch the centre)
+    if label == 1:
+        lo, hi = CENTRE
+        clusters.append((rng.uniform(lo - 6, hi + 6), rng.uniform(lo - 6, hi + 6), True))
+    n_extra = rng.choice([0, 1, 2], p=[0.45, 0.4, 0.15]) if label == 1 else rng.choice([0, 1, 2], p=[0.35, 0.45, 0.2])
+    for _ in range(int(n_extra)):
+        # off-centre cluster: centre in the outer ring
+        while True:
+            cy, cx = rng.uniform(0, SIZE, 2)
+            if not _touches_centre(cy, cx, 10.0):
+                break
+        clusters.append((cy, cx, False))
+    placed_in_centre = False
+    for k, (ccy, ccx, may_touch) in enumerate(clusters):
+        spread = rng.uniform(6.0, 14.0)
+        n_cells = int(rng.integers(4, 16))
+        cyto = np.clip(1.0 - np.hypot(_GRID[:, None] - ccy, _GRID[None, :] - ccx) / (spread * 1.6), 0.0, 1.0) * 0.35
+        img += cyto[..., None] * (haem * 1.6 - img) * 0.5
+        for j in range(n_cells):
+            r = rng.uniform(3.2, 5.8)
+            if may_touch and j == 0:
+                lo, hi = CENTRE  # the seed cell of a positive cluster reaches into the centre
+                cy, cx = rng.uniform(lo - r + 1.5, hi - 1 + r - 1.5, 2)
+            else:
+                cy, cx = ccy + rng.normal(0, spread), ccx + rng.normal(0, spread)
+            if not may_touch and _touches_centre(cy, cx, r + 1.0):
+                continue  # negatives: no tumour cell may reach the centre
+            if may_touch and _touches_centre(cy, cx, r):
+                placed_in_centre = True
+            _nucleus(img, rng, cy, cx, r, tumour_color * rng.uniform(0.8, 1.15), rng.uniform(1.0, 1.6), rng.uniform(0.3, 0.7), rng.uniform(0.8, 0.97))
+    assert placed_in_centre == bool(label), "generator invariant: label <=> tumour cell in the centre"
+
+    img += rng.normal(0.0, 3.5, img.shape).astype(np.float32)  # sensor noise
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- archive
+def _defects(p: DemoParams, tr: pd.DataFrame) -> dict[str, object]:
+    """Planted defects: which train/test indices get which defect (deterministic)."""
+    rng = np.random.default_rng([p.seed, 3])
+    idx = rng.permutation(len(tr))
+    return {
+        "dark": [int(idx[0])],
+        "bright": [int(i) for i in idx[1:4]],
+        "truncated": [int(idx[4])],
+        "wrong_size": [int(idx[5])],
+        # (copy_index, source_index): index idx[6] holds the pixels of idx[7] with the opposite label
+        "conflict": (int(idx[6]), int(idx[7])),
+        "test_bright": [0],
+        "test_truncated": [1],
+    }
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, progress: bool = False) -> Truth:
+    """Write the demo dataset to ``dest`` (a zip in the Kaggle layout), atomically."""
+    t = truth(p)
+    tr, te = t.train.copy(), t.test
+    slides = _all_slides(p)
+    planted = _defects(p, tr) if p.plant_defects and p.n_train >= 20 and p.n_test >= 2 else None
+    if planted is not None:  # the conflicting duplicate carries the opposite label of its source
+        copy_i, src_i = planted["conflict"]  # type: ignore[misc]
+        tr.loc[copy_i, "label"] = 1 - int(tr.loc[src_i, "label"])
+
+    order_rng = np.random.default_rng([p.seed, 4])
+    with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        labels_csv = tr.iloc[order_rng.permutation(len(tr))][["id", "label"]].to_csv(index=False, lineterminator="\n")
+        zf.writestr(_member("train_labels.csv"), labels_csv)
+        sub = te[["id"]].assign(label=0).iloc[order_rng.permutation(len(te))]
+        zf.writestr(_member("sample_submission.csv"), sub.to_csv(index=False, lineterminator="\n"))
+        for split, frame in (("train", tr), ("test", te)):
+            src_pixels: dict[int, np.ndarray] = {}
+            if split == "train" and planted is not None:
+                src_i = planted["conflict"][1]  # type: ignore[index]
+                row = frame.loc[src_i]
+                src_pixels[src_i] = render(p.seed, split, src_i, int(t.train.loc[src_i, "label"]), slides.loc[int(row["slide"])])
+            for i in order_rng.permutation(len(frame)):
+                row = frame.iloc[int(i)]
+                i = int(i)
+                data = _render_member(p, split, i, int(row["label"]), slides.loc[int(row["slide"])], planted, src_pixels, t)
+                zf.writestr(_member(f"{split}/{row['id']}.tif"), data)
+                if progress and i % 1000 == 0:
+                    print(f"  demo: {split} {i}/{len(frame)}", flush=True)
+    return Truth(tr, te)
+
+
+def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Series, planted: dict | None, src_pixels: dict[int, np.ndarray], t: Truth) -> bytes:
+    if planted is not None:
+        if split == "train":
+            if i in planted["dark"]:
+                return encode_patch(np.zeros((SIZE, SIZE, 3), np.uint8))
+            if i in planted["bright"]:
+                rng = np.random.default_rng([p.seed, 5, i])
+                return encode_patch(rng.integers(247, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+            if i in planted["truncated"]:
+                full = encode_patch(render(p.seed, split, i, label, slide))
+                return full[: len(full) // 2]
+            if i in planted["wrong_size"]:
+                return encode_patch(render(p.seed, split, i, label, slide)[:, :95])
+            copy_i, src_i = planted["conflict"]
+            if i == copy_i:
+                return encode_patch(src_pixels[src_i])
+            if i == src_i:
+                return encode_patch(src_pixels[src_i])
+        else:
+            if i in planted["test_bright"]:
+                rng = np.random.default_rng([p.seed, 6, i])
+                return encode_patch(rng.integers(247, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+            if i in planted["test_truncated"]:
+                full = encode_patch(render(p.seed, split, i, label, slide))
+                return full[: len(full) // 3]
+    return encode_patch(render(p.seed, split, i, label, slide))
+
+
+def planted_defects(p: DemoParams) -> dict[str, list[str]]:
+    """Ids of the planted defects by the scan reason that must flag them (for tests)."""
+    if not p.plant_defects:
+        return {}
+    t = truth(p)
+    d = _defects(p, t.train)
+    tid, teid = t.train["id"].tolist(), t.test["id"].tolist()
+    return {
+        "dark": [tid[i] for i in d["dark"]],
+        "bright": [tid[i] for i in d["bright"]],
+        "undecodable": [tid[i] for i in d["truncated"]],
+        "wrong_format": [tid[i] for i in d["wrong_size"]],
+        "conflicting_duplicate": sorted(tid[i] for i in d["conflict"]),
+        "test_bright": [teid[i] for i in d["test_bright"]],
+        "test_undecodable": [teid[i] for i in d["test_truncated"]],
+    }
+
+
+def write_truth(out_dir: str | os.PathLike[str], p: DemoParams) -> None:
+    """Test labels and slide groups of the demo (not part of the Kaggle layout)."""
+    t = truth(p)
+    out = Path(out_dir)
+    from hcd.io import write_csv
+
+    write_csv(out / "demo_test_labels.csv", t.test[["id", "label"]])
+    write_csv(out / "demo_slides.csv", pd.concat([t.train, t.test])[["id", "slide"]].rename(columns={"slide": "group"}))
