@@ -11,15 +11,14 @@ A single enclosing top folder (``histopathologic-cancer-detection/train/...``) i
 accepted too. Nothing is extracted: members are read into memory one at a time,
 so member names (``../``, absolute paths, symlinks) can never write anywhere.
 
-For speed a zip member is read from an ``mmap`` of the archive using the offsets
-of zipfile's own central-directory parse, inflated with ISA-L (``isal``, falls
-back to zlib) and CRC-checked; members in other compression methods go through
-:mod:`zipfile` itself.
+For speed a zip member is read with ``os.pread`` at the offsets of zipfile's own
+central-directory parse (no file object per member, no mmap inflating the
+resident memory), inflated with ISA-L (``isal``, falls back to zlib) and
+CRC-checked; members in other compression methods go through :mod:`zipfile`.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
@@ -103,7 +102,7 @@ class ZipSource:
         self._by_name = {i.filename: i for i in self._infos}
         self._train = {k: self._ref(self._infos[v]) for k, v in train.items()}
         self._test = {k: self._ref(self._infos[v]) for k, v in test.items()}
-        self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
 
     @staticmethod
     def _ref(info: zipfile.ZipInfo) -> Ref:
@@ -125,11 +124,10 @@ class ZipSource:
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             raise HcdError(f"{self.label}: {name} cannot be read ({exc})") from None
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+    def _handle(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
 
     def read(self, ref: Ref) -> bytes:
         """Bytes of one member, or :class:`PatchError` (never more than MAX_MEMBER_BYTES)."""
@@ -138,17 +136,16 @@ class ZipSource:
             raise PatchError("undecodable", f"zip member declares {max(size, csize):,} bytes, refused unread")
         if flags & 0x1:
             raise PatchError("undecodable", "zip member is encrypted")
-        mm = self._map()
-        try:
-            sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack_from(mm, offset)
-        except struct.error:
-            raise PatchError("undecodable", "zip member header lies past the end of the archive") from None
+        fd = self._handle()
+        head = os.pread(fd, _LOCAL.size, offset)
+        if len(head) < _LOCAL.size:
+            raise PatchError("undecodable", "zip member header lies past the end of the archive")
+        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack(head)
         if sig != b"PK\x03\x04":
             raise PatchError("undecodable", "corrupt zip member (bad local header)")
-        start = offset + _LOCAL.size + nlen + elen
-        if start + csize > len(mm):
+        raw = os.pread(fd, csize, offset + _LOCAL.size + nlen + elen)
+        if len(raw) != csize:
             raise PatchError("undecodable", "zip member truncated (archive ends early)")
-        raw = mm[start : start + csize]
         if method == zipfile.ZIP_STORED:
             data = raw
         elif method == zipfile.ZIP_DEFLATED:
@@ -171,13 +168,13 @@ class ZipSource:
         return data
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def __getstate__(self) -> dict:  # workers re-open their own mmap
+    def __getstate__(self) -> dict:  # workers open their own descriptor
         state = self.__dict__.copy()
-        state["_mm"] = None
+        state["_fd"] = None
         state["_infos"] = []
         state["_by_name"] = {}
         return state

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny demo archive, and a builder for hand-made Kaggle-layout archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hcd.params import DemoParams, ScanParams
+from hcd.scan import ScanOutputs
+from hcd.synth import write_archive
+from hcd.tiff import encode_patch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = DemoParams(n_train=160, n_test=24, n_slides=12, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("demo") / "hcd.zip"
+    write_archive(path, TINY)
+    return path
+
+
+def outputs(root: Path) -> ScanOutputs:
+    return ScanOutputs(root / "scan/report.csv", root / "scan/summary.json", root / "packed/train_x.npy", root / "packed/train_index.csv", root / "packed/test_x.npy", root / "packed/test_index.csv")
+
+
+def hexid(i: int) -> str:
+    return f"{i:040x}"
+
+
+def patch(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(30, 220, (96, 96, 3), dtype=np.uint8)
+
+
+def make_archive(path: Path, train: dict[str, bytes], labels: str | bytes, test: dict[str, bytes], sample: str | bytes | None = None, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()) -> Path:
+    """A zip in the Kaggle layout from explicit members (names are ids unless they contain '.')."""
+    if sample is None:
+        sample = "id,label\n" + "".join(f"{k},0\n" for k in test)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        if "train_labels.csv" not in skip:
+            zf.writestr("train_labels.csv", labels)
+        if "sample_submission.csv" not in skip:
+            zf.writestr("sample_submission.csv", sample)
+        for split, members in (("train", train), ("test", test)):
+            for name, data in members.items():
+                zf.writestr(f"{split}/{name if '.' in name else name + '.tif'}", data)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def small_set():
+    """Six good train patches (labels 0/1), three test patches."""
+    train = {hexid(i): encode_patch(patch(i)) for i in range(6)}
+    labels = "id,label\n" + "".join(f"{hexid(i)},{i % 2}\n" for i in range(6))
+    test = {hexid(100 + i): encode_patch(patch(100 + i)) for i in range(3)}
+    return train, labels, test
+
+
+SCAN_DEFAULTS = ScanParams()

@@ -1,0 +1,61 @@
+"""The demo dataset: deterministic, Kaggle layout, label rule in the centre only."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zipfile
+
+import numpy as np
+import pandas as pd
+
+from conftest import TINY
+from hcd.params import DemoParams
+from hcd.synth import _all_slides, render, truth, write_archive
+
+
+def test_archive_is_byte_identical_for_the_same_params(tiny_archive, tmp_path):
+    again = tmp_path / "again.zip"
+    write_archive(again, TINY)
+    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(tiny_archive.read_bytes()).digest()
+
+
+def test_kaggle_layout(tiny_archive):
+    with zipfile.ZipFile(tiny_archive) as zf:
+        names = zf.namelist()
+        labels = pd.read_csv(zf.open("train_labels.csv"), dtype={"id": str})
+        sub = pd.read_csv(zf.open("sample_submission.csv"), dtype={"id": str})
+    assert list(labels.columns) == ["id", "label"] and list(sub.columns) == ["id", "label"]
+    train = {n[6:-4] for n in names if n.startswith("train/")}
+    test = {n[5:-4] for n in names if n.startswith("test/")}
+    assert set(labels["id"]) == train and set(sub["id"]) == test
+    assert len(train) == TINY.n_train and len(test) == TINY.n_test
+    assert all(re.fullmatch(r"[0-9a-f]{40}", i) for i in train | test)
+    assert set(names) == {"train_labels.csv", "sample_submission.csv"} | {f"train/{i}.tif" for i in train} | {f"test/{i}.tif" for i in test}
+
+
+def test_positive_fraction_and_slides():
+    t = truth(DemoParams(n_train=1000, n_test=200))
+    assert t.train["label"].mean() == 0.4
+    assert not set(t.train["slide"]) & set(t.test["slide"]), "test patches come from other slides"
+    per_slide = t.train.groupby("slide")["label"].mean()
+    assert per_slide.max() - per_slide.min() > 0.3, "positives cluster in tumour slides"
+
+
+def test_label_depends_only_on_the_centre():
+    """Off-centre tumour appears in negatives: the outer ring alone does not give the label away."""
+    p = DemoParams(n_train=300, n_test=10)
+    t, slides = truth(p), _all_slides(p)
+    ring_dark, centre_dark = [], []
+    for i in range(120):
+        row = t.train.iloc[i]
+        img = render(p.seed, "train", i, int(row["label"]), slides.loc[int(row["slide"])]).astype(float)
+        dark = img.mean(axis=2) < 150  # nucleus pixels
+        centre = dark[32:64, 32:64].mean()
+        ring = (dark.sum() - dark[32:64, 32:64].sum()) / (96 * 96 - 32 * 32)
+        centre_dark.append((centre, row["label"]))
+        ring_dark.append((ring, row["label"]))
+    ring = pd.DataFrame(ring_dark, columns=["v", "y"])
+    centre = pd.DataFrame(centre_dark, columns=["v", "y"])
+    gap = lambda f: f.query("y == 1")["v"].mean() - f.query("y == 0")["v"].mean()
+    assert gap(centre) > 3 * abs(gap(ring)), (gap(centre), gap(ring))
