@@ -9,6 +9,7 @@ Readers use :func:`open_packed` (``np.load(..., mmap_mode="r")``).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -36,20 +37,34 @@ class PackWriter:
     def __init__(self, path: str | os.PathLike[str], capacity: int) -> None:
         self.path = Path(path)
         self.capacity = capacity
+        size = _HEADER_BYTES + capacity * ROW_BYTES
         with open(self.path, "wb") as fh:
             fh.write(_header(capacity))
-            fh.truncate(_HEADER_BYTES + capacity * ROW_BYTES)  # sparse: costs no disk until written
+            try:  # reserve the blocks at once: writes then never wait on block allocation
+                os.posix_fallocate(fh.fileno(), 0, size)
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise HcdError(f"{self.path.parent}: not enough disk space for {size / 1e9:.2f} GB of packed patches") from None
+                fh.truncate(size)  # filesystems without fallocate: a sparse file
 
     @staticmethod
-    def write_row(fd: int, slot: int, row: np.ndarray) -> None:
-        """Write one 96x96x3 uint8 row at ``slot`` (any process holding an fd of the file)."""
-        data = np.ascontiguousarray(row, dtype=np.uint8).tobytes()
-        if len(data) != ROW_BYTES:
-            raise ValueError(f"row has {len(data)} bytes, expected {ROW_BYTES}")
-        off = _HEADER_BYTES + slot * ROW_BYTES
-        while data:  # pwrite may write less than asked
-            n = os.pwrite(fd, data, off)
-            data, off = data[n:], off + n
+    def write_rows(fd: int, first_slot: int, rows: list[np.ndarray]) -> None:
+        """Write consecutive 96x96x3 uint8 rows from ``first_slot`` on (any process holding an fd).
+
+        ``pwritev`` straight from the row buffers: joining them first costs ~10x more
+        (page faults on a fresh 50 MB buffer) than the write itself.
+        """
+        if any(r.shape != PATCH_SHAPE or r.dtype != np.uint8 or not r.flags.c_contiguous for r in rows):
+            raise ValueError("rows must be C-contiguous 96x96x3 uint8")
+        off = _HEADER_BYTES + first_slot * ROW_BYTES
+        for k in range(0, len(rows), 512):  # stay under IOV_MAX
+            batch = rows[k : k + 512]
+            want = len(batch) * ROW_BYTES
+            done = os.pwritev(fd, batch, off)
+            while done < want:  # short write: finish the rest row by row
+                row, within = divmod(done, ROW_BYTES)
+                done += os.pwrite(fd, memoryview(batch[row]).cast("B")[within:], off + done)
+            off += want
 
     def finish(self, keep: np.ndarray, chunk_rows: int = 2048) -> int:
         """Keep only rows where ``keep`` is True (order preserved); return the final N."""
@@ -80,6 +95,15 @@ class PackWriter:
         finally:
             os.close(fd)
         return dst
+
+
+def read_row(path: str | os.PathLike[str], row: int) -> bytes:
+    """The raw bytes of one row (for exact comparisons without mapping the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, ROW_BYTES, _HEADER_BYTES + row * ROW_BYTES)
+    finally:
+        os.close(fd)
 
 
 def open_packed(path: str | os.PathLike[str]) -> np.ndarray:

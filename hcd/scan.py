@@ -23,7 +23,6 @@ is flagged and packed as zeros, so every id still gets a prediction.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import multiprocessing as mp
 import os
@@ -39,10 +38,15 @@ import pandas as pd
 
 from hcd.errors import HcdError
 from hcd.io import atomic_path, clean_stale_temps, write_csv, write_json
-from hcd.packed import PackWriter
+from hcd.packed import PackWriter, read_row
 from hcd.params import ScanParams, load_params
 from hcd.source import ID_RE, DirSource, Ref, ZipSource, open_source
 from hcd.tiff import PatchError, decode_patch
+
+try:
+    from isal import isal_zlib as _z
+except ImportError:  # pragma: no cover
+    import zlib as _z  # type: ignore[no-redef]
 
 # Reasons, most serious first: an id flagged for several keeps the first.
 REASONS = (
@@ -112,24 +116,40 @@ def _worker_init(source: ZipSource | DirSource, out_path: str) -> None:
     _W["fd"] = os.open(out_path, os.O_WRONLY)
 
 
-def _decode_chunk(items: list[tuple[int, Ref]]) -> list[tuple[int, str, str, bytes, int, int]]:
-    """Decode patches, write each good one at its slot; return (slot, reason, detail, hash, min, max)."""
+def fingerprint(arr: np.ndarray) -> int:
+    """64-bit content fingerprint (crc32 + adler32, ~2 µs); equal pixels are verified before any flag."""
+    buf = memoryview(arr).cast("B")
+    return (_z.crc32(buf) << 32) | _z.adler32(buf)
+
+
+_WRITE_BATCH = 8  # rows per pwritev: measured best (8: 2.28 s, 64: 2.4-3.0 s for 20k rows); buffers still in cache
+
+
+def _decode_chunk(items: list[tuple[int, Ref]]) -> list[tuple[int, str, str, int, int, int]]:
+    """Decode patches, write good ones at their slots; return (slot, reason, detail, fingerprint, min, max)."""
     source = _W["source"]
     fd = _W["fd"]
     out = []
+    run_start, run = -1, []  # consecutive slots are written with one pwrite
     for slot, ref in items:
         try:
             arr = decode_patch(source.read(ref))  # type: ignore[attr-defined]
         except PatchError as err:
-            out.append((slot, err.reason, err.detail, b"", 0, 0))
+            out.append((slot, err.reason, err.detail, 0, 0, 0))
             continue
-        PackWriter.write_row(fd, slot, arr)  # type: ignore[arg-type]
-        digest = hashlib.blake2b(arr.data, digest_size=16).digest()
-        out.append((slot, "", "", digest, int(arr.min()), int(arr.max())))
+        if run and (slot != run_start + len(run) or len(run) == _WRITE_BATCH):
+            PackWriter.write_rows(fd, run_start, run)  # type: ignore[arg-type]
+            run = []
+        if not run:
+            run_start = slot
+        run.append(arr)
+        out.append((slot, "", "", fingerprint(arr), int(arr.min()), int(arr.max())))
+    if run:
+        PackWriter.write_rows(fd, run_start, run)  # type: ignore[arg-type]
     return out
 
 
-def _decode_all(source: ZipSource | DirSource, items: list[tuple[int, Ref]], out_path: Path, workers: int) -> list[tuple[int, str, str, bytes, int, int]]:
+def _decode_all(source: ZipSource | DirSource, items: list[tuple[int, Ref]], out_path: Path, workers: int) -> list[tuple[int, str, str, int, int, int]]:
     """Decode ``(slot, ref)`` items in ``workers`` processes; pixels land at their slot in ``out_path``."""
     if not items:
         return []
@@ -224,11 +244,11 @@ def scan(archive: str | os.PathLike[str], out: ScanOutputs, params: ScanParams, 
         flags.add("train", pid, "unlabelled", "train/<id>.tif without a train_labels.csv row", True)
 
     out.train_x.parent.mkdir(parents=True, exist_ok=True)
-    train_summary, train_hashes = _pack_train(source, listing.train, train, out, params, flags, workers, log)
+    train_summary, train_prints = _pack_train(source, listing.train, train, out, params, flags, workers, log)
 
     # ---- test: every sample_submission id, in its order
     test = _table_checks(sub_tab.assign(label="0"), "test", flags, check_label=False)
-    test_summary = _pack_test(source, listing.test, test, out, params, flags, train_hashes, workers, log)
+    test_summary = _pack_test(source, listing.test, test, out, params, flags, train_prints, workers, log)
     source.close()
 
     report = flags.frame()
@@ -243,7 +263,7 @@ def scan(archive: str | os.PathLike[str], out: ScanOutputs, params: ScanParams, 
     return summary
 
 
-def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, workers: int, log) -> tuple[dict, set[bytes]]:
+def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, workers: int, log) -> tuple[dict, dict[int, int]]:
     n = len(train)
     with atomic_path(out.train_x) as tmp:
         writer = PackWriter(tmp, n)
@@ -251,7 +271,7 @@ def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanO
         keep = np.ones(n, dtype=bool)
         outlier = np.zeros(n, dtype=bool)
         ids, labels = train["id"].to_numpy(), train["label"].to_numpy()
-        by_hash: dict[bytes, list[int]] = {}
+        by_hash: dict[int, list[int]] = {}
         for slot, reason, detail, digest, lo, hi in results:
             if reason:
                 flags.add("train", ids[slot], reason, detail, True)
@@ -264,21 +284,14 @@ def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanO
                 what = f"max pixel {hi} <= {params.dark_max}" if kind == "dark" else f"min pixel {lo} >= {params.bright_min}"
                 flags.add("train", ids[slot], kind, what, params.drop_outliers)
                 keep[slot] &= not params.drop_outliers
-        for slots in by_hash.values():
-            if len(slots) < 2:
+        for candidates in by_hash.values():
+            if len(candidates) < 2:
                 continue
-            slots = sorted(slots)
-            first = ids[slots[0]]
-            if len({labels[s] for s in slots}) > 1:
-                others = ", ".join(ids[s] for s in slots)
-                for s in slots:
-                    flags.add("train", ids[s], "conflicting_duplicate", f"same pixels, opposite labels: {others}", True)
-                    keep[s] = False
-            else:
-                for s in slots[1:]:
-                    flags.add("train", ids[s], "duplicate", f"same pixels and label as {first}; first kept", True)
-                    keep[s] = False
+            for slots in _equal_rows(tmp, sorted(candidates)):
+                _flag_duplicates(slots, ids, labels, keep, flags)
         packed = writer.finish(keep)
+        row_of_slot = np.cumsum(keep) - 1
+        train_prints = {fp: int(row_of_slot[s[0]]) for fp, s in by_hash.items() if keep[s[0]]}
     index = pd.DataFrame({"row": np.arange(packed), "id": ids[keep], "label": labels[keep].astype(int), "outlier": outlier[keep].astype(int)})
     write_csv(out.train_index, index)
     summary = {
@@ -289,10 +302,37 @@ def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanO
     }
     if packed == 0:
         raise HcdError(f"{source.label}: no usable train patch left after the scan (see {out.report})")
-    return summary, set(by_hash)
+    return summary, train_prints
 
 
-def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, train_hashes: set[bytes], workers: int, log) -> dict:
+def _equal_rows(path: Path, slots: list[int]) -> list[list[int]]:
+    """Split slots with one fingerprint into classes of byte-identical rows (no false duplicates)."""
+    classes: list[tuple[bytes, list[int]]] = []
+    for s in slots:
+        data = read_row(path, s)
+        for ref, members in classes:
+            if ref == data:
+                members.append(s)
+                break
+        else:
+            classes.append((data, [s]))
+    return [m for _, m in classes if len(m) > 1]
+
+
+def _flag_duplicates(slots: list[int], ids: np.ndarray, labels: np.ndarray, keep: np.ndarray, flags: "_Flags") -> None:
+    """Identical pixels: opposite labels drop every copy, equal labels keep the first."""
+    if len({labels[s] for s in slots}) > 1:
+        others = ", ".join(ids[s] for s in slots)
+        for s in slots:
+            flags.add("train", ids[s], "conflicting_duplicate", f"same pixels, opposite labels: {others}", True)
+            keep[s] = False
+    else:
+        for s in slots[1:]:
+            flags.add("train", ids[s], "duplicate", f"same pixels and label as {ids[slots[0]]}; first kept", True)
+            keep[s] = False
+
+
+def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, train_prints: dict[int, int], workers: int, log) -> dict:
     ids = test["id"].to_numpy()
     listed = set(ids)
     for pid in sorted(set(members) - listed):
@@ -314,7 +354,7 @@ def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOut
                 kind = "dark" if hi <= params.dark_max else "bright"
                 flags.add("test", ids[s], kind, "outlier kept: every test id gets a prediction", False)
                 flag_col[s] = kind
-            elif digest in train_hashes:
+            elif digest in train_prints and read_row(tmp, s) == read_row(out.train_x, train_prints[digest]):
                 flags.add("test", ids[s], "duplicate_of_train", "same pixels as a train patch", False)
                 flag_col[s] = "duplicate_of_train"
         writer.finish(np.ones(len(ids), dtype=bool))

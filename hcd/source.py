@@ -91,8 +91,8 @@ class ZipSource:
         self.path = Path(path)
         self.label = str(self.path)
         try:
-            with zipfile.ZipFile(self.path) as zf:
-                self._infos = zf.infolist()
+            self._zf: zipfile.ZipFile | None = zipfile.ZipFile(self.path)  # one central-directory parse
+            self._infos = self._zf.infolist()
         except FileNotFoundError:
             raise HcdError(f"{self.label}: archive not found") from None
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -106,7 +106,8 @@ class ZipSource:
 
     @staticmethod
     def _ref(info: zipfile.ZipInfo) -> Ref:
-        return (info.filename, info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC, info.flag_bits)
+        # len(info.extra) guesses the local header's extra field, so one pread usually gets header and data
+        return (info.filename, info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC, info.flag_bits, len(info.extra))
 
     def listing(self) -> Listing:
         return Listing(self._train, self._test, list(self._odd))
@@ -119,8 +120,8 @@ class ZipSource:
         if info.file_size > 512 * 1024 * 1024:
             raise HcdError(f"{self.label}: {name} declares {info.file_size:,} bytes, refused")
         try:
-            with zipfile.ZipFile(self.path) as zf:
-                return zf.read(info)
+            zf = self._zf or zipfile.ZipFile(self.path)
+            return zf.read(info)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             raise HcdError(f"{self.label}: {name} cannot be read ({exc})") from None
 
@@ -131,19 +132,21 @@ class ZipSource:
 
     def read(self, ref: Ref) -> bytes:
         """Bytes of one member, or :class:`PatchError` (never more than MAX_MEMBER_BYTES)."""
-        name, offset, csize, size, method, crc, flags = ref
+        name, offset, csize, size, method, crc, flags, extra_guess = ref
         if size > MAX_MEMBER_BYTES or csize > MAX_MEMBER_BYTES:
             raise PatchError("undecodable", f"zip member declares {max(size, csize):,} bytes, refused unread")
         if flags & 0x1:
             raise PatchError("undecodable", "zip member is encrypted")
         fd = self._handle()
-        head = os.pread(fd, _LOCAL.size, offset)
-        if len(head) < _LOCAL.size:
+        guess = _LOCAL.size + len(name.encode()) + extra_guess
+        buf = os.pread(fd, guess + csize, offset)  # header and data in one read, when the guess holds
+        if len(buf) < _LOCAL.size:
             raise PatchError("undecodable", "zip member header lies past the end of the archive")
-        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack(head)
+        sig, _, _, _, _, _, _, _, _, nlen, elen = _LOCAL.unpack_from(buf)
         if sig != b"PK\x03\x04":
             raise PatchError("undecodable", "corrupt zip member (bad local header)")
-        raw = os.pread(fd, csize, offset + _LOCAL.size + nlen + elen)
+        start = _LOCAL.size + nlen + elen
+        raw = buf[start : start + csize] if start == guess else os.pread(fd, csize, offset + start)
         if len(raw) != csize:
             raise PatchError("undecodable", "zip member truncated (archive ends early)")
         if method == zipfile.ZIP_STORED:
@@ -171,10 +174,14 @@ class ZipSource:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._zf is not None:
+            self._zf.close()
+            self._zf = None
 
     def __getstate__(self) -> dict:  # workers open their own descriptor
         state = self.__dict__.copy()
         state["_fd"] = None
+        state["_zf"] = None
         state["_infos"] = []
         state["_by_name"] = {}
         return state
