@@ -30,6 +30,7 @@ SCAN = "data/scan"
 SPLIT = "data/split"
 STATS = "data/stats/stats.json"
 GROUPS_DIR = "data/groups"
+METRICS = "metrics"  # small JSON metrics, kept in git so `dvc metrics diff` compares commits
 
 HEADER = """\
 # Generated from hcd/pipeline.py by `hcd pipeline write` — do not edit by hand.
@@ -83,19 +84,19 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="scan",
         script="workflow/scripts/scan.py",
-        args=(RAW, "--out-dir", SCAN, "--packed-dir", PACKED),
+        args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
         deps=(RAW, "hcd/scan.py", "hcd/source.py", "hcd/tiff.py", "hcd/packed.py"),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
-        metrics=(f"{SCAN}/summary.json",),
+        metrics=(f"{METRICS}/scan.json",),
         params=("scan",),
     ),
     Stage(
         name="split",
         script="workflow/scripts/split.py",
-        args=(f"{PACKED}/train_index.csv", "--out-dir", SPLIT),
+        args=(f"{PACKED}/train_index.csv", "--out", f"{SPLIT}/split.csv", "--balance", f"{METRICS}/split.json"),
         deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, "hcd/split.py"),
         outs=(f"{SPLIT}/split.csv",),
-        metrics=(f"{SPLIT}/balance.json",),
+        metrics=(f"{METRICS}/split.json",),
         params=("split",),
     ),
     Stage(

@@ -14,7 +14,7 @@ one streaming pass over worker processes, and:
   row), ``unexpected_file`` (a misnamed member of train/ or test/).
 
 Writes ``report.csv`` (one row per flagged id: split, id, reason, detail,
-dropped), ``summary.json`` (counts; a DVC metric) and the packed arrays with
+dropped), a summary JSON (counts; a DVC metric, ``metrics/scan.json``) and the packed arrays with
 their indexes. Train keeps usable rows in ``train_labels.csv`` order; test
 keeps every ``sample_submission.csv`` id in its order — a defective test patch
 is flagged and packed as zeros, so every id still gets a prediction.
@@ -375,12 +375,13 @@ def default_workers() -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="scan", description=__doc__.splitlines()[0])
     ap.add_argument("archive", help="Kaggle-layout zip archive or folder")
-    ap.add_argument("--out-dir", default="data/scan", help="report.csv and summary.json")
+    ap.add_argument("--report", default="data/scan/report.csv", help="one row per flagged id")
+    ap.add_argument("--summary", default="metrics/scan.json", help="counts (a DVC metric)")
     ap.add_argument("--packed-dir", default="data/packed", help="train_x.npy, train_index.csv, test_x.npy, test_index.csv")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: HCD_WORKERS or the CPU count, at most 8)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    od, pd_ = Path(args.out_dir), Path(args.packed_dir)
-    outs = ScanOutputs(od / "report.csv", od / "summary.json", pd_ / "train_x.npy", pd_ / "train_index.csv", pd_ / "test_x.npy", pd_ / "test_index.csv")
+    pd_ = Path(args.packed_dir)
+    outs = ScanOutputs(Path(args.report), Path(args.summary), pd_ / "train_x.npy", pd_ / "train_index.csv", pd_ / "test_x.npy", pd_ / "test_index.csv")
     scan(args.archive, outs, p.scan, workers=args.workers or default_workers(), log=lambda m: print(m, file=sys.stderr))

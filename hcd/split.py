@@ -6,7 +6,7 @@ each patch was cut from, kept in ``data/groups/``): a stratified *group* split,
 so no slide is on both sides. Neighbouring patches of one slide look alike; a
 random split of them inflates validation AUC.
 
-Writes ``split.csv`` (row, id, label, side) and ``balance.json`` (count and
+Writes ``split.csv`` (row, id, label, side) and a balance JSON (count and
 positive fraction per side; a DVC metric).
 """
 
@@ -97,17 +97,17 @@ def balance(index: pd.DataFrame, val: np.ndarray, groups: np.ndarray | None) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="split", description=__doc__.splitlines()[0])
     ap.add_argument("index", help="data/packed/train_index.csv")
-    ap.add_argument("--out-dir", default="data/split")
+    ap.add_argument("--out", default="data/split/split.csv")
+    ap.add_argument("--balance", default="metrics/split.json", help="counts per side (a DVC metric)")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params).split
-    out = Path(args.out_dir)
-    clean_stale_temps(out / "split.csv", out / "balance.json")
+    clean_stale_temps(args.out, args.balance)
     index = read_index(args.index)
     groups = read_groups(p.groups, index["id"]) if p.groups else None
     val = split(index, p, groups)
     frame = index[["row", "id", "label"]].assign(side=np.where(val, "val", "train"))
-    write_csv(out / "split.csv", frame)
+    write_csv(args.out, frame)
     bal = balance(index, val, groups)
-    write_json(out / "balance.json", bal)
+    write_json(args.balance, bal)
     print(f"split: {bal['train']['n']} train / {bal['val']['n']} val, positive fraction {bal['train']['positive_fraction']} / {bal['val']['positive_fraction']}", file=sys.stderr)

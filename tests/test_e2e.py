@@ -105,7 +105,7 @@ def test_a_split_param_reruns_split_and_stats_only_in_both_engines(engines):
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == {"split", "stats"}
     sh(snake_root, "snakemake", "--cores", "2")
     assert digests(dvc_root) == digests(snake_root)
-    assert '"val_fraction": 0.25' in (dvc_root / "data/split/balance.json").read_text()
+    assert '"val_fraction": 0.25' in (dvc_root / "metrics/split.json").read_text()
 
 
 def test_a_scan_param_does_not_rerun_download(engines):
@@ -132,4 +132,4 @@ def test_snakemake_survives_dvc_rewriting_every_file(engines):
 def test_dvc_metrics_show_reads_the_scan_summary(engines):
     dvc_root, _, _, _ = engines
     out = sh(dvc_root, "dvc", "metrics", "show")
-    assert "data/scan/summary.json" in out and "train.packed" in out
+    assert "metrics/scan.json" in out and "train.packed" in out
