@@ -7,14 +7,19 @@
 # validated before any rule; the keys each stage reads are passed as `params:`,
 # so changing one reruns only the stages that read it. profiles/default/ makes
 # Snakemake compare checksums, so mtimes reset by `dvc checkout` rerun nothing.
+#
+# Per-backbone rules (train, predict) use the {backbone} wildcard over
+# params.yaml's `backbones`; they ask for resources gpu=1, so
+# `snakemake --cores all --resources gpu=1` runs one at a time on one GPU.
 
+import re
 import sys
 
 sys.path.insert(0, workflow.basedir)
 
 from hcd.errors import HcdError
 from hcd.params import load_params
-from hcd.pipeline import STAGES, final_outputs, snakemake_params
+from hcd.pipeline import STAGES, final_outputs, snakemake_inputs, snakemake_params, snakemake_shell, wildcard
 
 try:
     PARAMS = load_params("params.yaml")
@@ -22,6 +27,20 @@ except HcdError as err:
     raise WorkflowError(f"hcd: {err}") from None
 
 S = {stage.name: stage for stage in STAGES}
+BACKBONES = PARAMS.backbones
+
+
+def outputs(name):
+    stage = S[name]
+    return [directory(wildcard(o)) if o in stage.dirs else wildcard(o) for o in stage.outputs]
+
+
+def threads(name):
+    return workflow.cores if S[name].threads == "all" else S[name].threads
+
+
+wildcard_constraints:
+    backbone="|".join(map(re.escape, BACKBONES)),
 
 
 rule all:
@@ -32,43 +51,93 @@ rule all:
 
 rule download:
     input:
-        S["download"].inputs,
+        snakemake_inputs(S["download"], BACKBONES),
     output:
-        S["download"].outputs,
+        outputs("download"),
     params:
         **snakemake_params(PARAMS, S["download"]),
     shell:
-        S["download"].cmd
+        snakemake_shell(S["download"])
 
 
 rule scan:
     input:
-        S["scan"].inputs,
+        snakemake_inputs(S["scan"], BACKBONES),
     output:
-        S["scan"].outputs,
+        outputs("scan"),
     params:
         **snakemake_params(PARAMS, S["scan"]),
     shell:
-        S["scan"].cmd
+        snakemake_shell(S["scan"])
 
 
 rule split:
     input:
-        S["split"].inputs,
+        snakemake_inputs(S["split"], BACKBONES),
     output:
-        S["split"].outputs,
+        outputs("split"),
     params:
         **snakemake_params(PARAMS, S["split"]),
     shell:
-        S["split"].cmd
+        snakemake_shell(S["split"])
 
 
 rule stats:
     input:
-        S["stats"].inputs,
+        snakemake_inputs(S["stats"], BACKBONES),
     output:
-        S["stats"].outputs,
+        outputs("stats"),
     params:
         **snakemake_params(PARAMS, S["stats"]),
     shell:
-        S["stats"].cmd
+        snakemake_shell(S["stats"])
+
+
+rule train:
+    input:
+        snakemake_inputs(S["train"], BACKBONES),
+    output:
+        outputs("train"),
+    params:
+        **snakemake_params(PARAMS, S["train"]),
+    threads: threads("train")
+    resources:
+        **S["train"].resources,
+    shell:
+        snakemake_shell(S["train"])
+
+
+rule predict:
+    input:
+        snakemake_inputs(S["predict"], BACKBONES),
+    output:
+        outputs("predict"),
+    params:
+        **snakemake_params(PARAMS, S["predict"]),
+    threads: threads("predict")
+    resources:
+        **S["predict"].resources,
+    shell:
+        snakemake_shell(S["predict"])
+
+
+rule ensemble:
+    input:
+        snakemake_inputs(S["ensemble"], BACKBONES),
+    output:
+        outputs("ensemble"),
+    params:
+        **snakemake_params(PARAMS, S["ensemble"]),
+    shell:
+        snakemake_shell(S["ensemble"])
+
+
+rule metrics:
+    input:
+        snakemake_inputs(S["metrics"], BACKBONES),
+    output:
+        outputs("metrics"),
+    params:
+        **snakemake_params(PARAMS, S["metrics"]),
+    shell:
+        snakemake_shell(S["metrics"])

@@ -1,7 +1,10 @@
 """The ``hcd`` command: every stage by name, plus pipeline tools.
 
-    hcd download | scan | split | stats ...   one stage (what the engines run)
-    hcd pipeline write|check                  regenerate / verify dvc.yaml
+    hcd download | scan | split | stats | train | predict | ensemble | metrics ...
+                                               one stage (what the engines run)
+    hcd score SUBMISSION LABELS                AUC (95 % CI) of a submission against id,label
+    hcd params apply OVERLAY [--params FILE]   merge a configuration overlay into params.yaml
+    hcd pipeline write|check                   regenerate / verify dvc.yaml
     hcd demo-truth OUT_DIR                     demo test labels and slide groups
 
 A stage that fails on input the user can fix prints one line —
@@ -17,7 +20,16 @@ from collections.abc import Callable
 
 from hcd.errors import HcdError
 
-STAGE_MODULES = {"download": "hcd.download", "scan": "hcd.scan", "split": "hcd.split", "stats": "hcd.stats"}
+STAGE_MODULES = {
+    "download": "hcd.download",
+    "scan": "hcd.scan",
+    "split": "hcd.split",
+    "stats": "hcd.stats",
+    "train": "hcd.train",
+    "predict": "hcd.predict",
+    "ensemble": "hcd.ensemble",
+    "metrics": "hcd.evaluate",
+}
 
 
 def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str] | None = None) -> None:
@@ -44,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd in STAGE_MODULES:
         run_stage(importlib.import_module(STAGE_MODULES[cmd]).main, cmd, rest)
+    elif cmd == "score":
+        from hcd.evaluate import score_main
+
+        run_stage(score_main, "score", rest)
+    elif cmd == "params":
+        from hcd.overlay import main as overlay_main
+
+        run_stage(overlay_main, "params", rest)
     elif cmd == "pipeline":
         from hcd.pipeline import main as pipeline_main
 

@@ -3,8 +3,14 @@
 Each :class:`Stage` holds the command line, inputs, outputs and the exact
 params keys the stage reads. ``dvc.yaml`` is rendered from this table
 (``hcd pipeline write``; a test fails when the committed file differs), and
-the ``Snakefile`` builds its rules from the same objects at parse time — so the
-two engines cannot disagree on a command, an input, an output or a param.
+the ``Snakefile``'s rules read the same objects — so the two engines cannot
+disagree on a command, an input, an output or a param.
+
+Per-backbone stages (``per_backbone=True``) use ``{item}`` in their command and
+paths: DVC renders them as ``foreach: ${backbones}`` (``train@resnet18``),
+Snakemake as a ``{backbone}`` wildcard. A stage that needs every backbone's
+output (``gather``) depends on the enclosing folder in DVC (DVC orders it after
+every stage writing inside) and on the expanded file list in Snakemake.
 
 Code dependencies name the stage's own modules (not the shared plumbing in
 ``hcd/io.py``, ``hcd/params.py``, ``hcd/cli.py``), so adding a params key for a
@@ -31,6 +37,10 @@ SPLIT = "data/split"
 STATS = "data/stats/stats.json"
 GROUPS_DIR = "data/groups"
 METRICS = "metrics"  # small JSON metrics, kept in git so `dvc metrics diff` compares commits
+PREDICTIONS = "predictions"
+PLOTS = "plots"
+SUBMISSION = "results/submission.csv"
+ITEM = "{item}"  # the backbone, in per-backbone stages
 
 HEADER = """\
 # Generated from hcd/pipeline.py by `hcd pipeline write` — do not edit by hand.
@@ -44,9 +54,15 @@ class Stage:
     script: str  # workflow/scripts/<name>.py
     args: tuple[str, ...]
     deps: tuple[str, ...]  # data and code inputs besides the script
-    outs: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()  # outputs that are DVC metrics (kept in git, not the cache)
+    outs: tuple[str, ...] = ()  # cached by DVC
+    metrics: tuple[str, ...] = ()  # DVC metrics: kept in git, not the cache
+    uncached: tuple[str, ...] = ()  # other outputs kept in git (top-level metrics and plots)
+    plots: tuple[tuple[str, dict[str, Any]], ...] = ()  # stage-level DVC plots (uncached)
     params: tuple[str, ...] = ()  # params.yaml keys read (a section or a dotted key)
+    per_backbone: bool = False  # one stage per entry of `backbones`
+    gather: tuple[str, ...] = ()  # inputs written per backbone: "predictions/{item}/val.csv"
+    dirs: tuple[str, ...] = ()  # outputs that are folders
+    threads: str | int = 1  # Snakemake threads ("all": the whole machine, one job at a time)
     resources: dict[str, int] = field(default_factory=dict)  # Snakemake resources (gpu=1)
 
     @property
@@ -59,17 +75,31 @@ class Stage:
 
     @property
     def outputs(self) -> list[str]:
-        return [*self.outs, *self.metrics]
+        return [*self.outs, *self.metrics, *self.uncached, *(p for p, _ in self.plots)]
+
+    def gather_dirs(self) -> list[str]:
+        """The folders DVC depends on for the gathered inputs."""
+        return sorted({g.split("/" + ITEM)[0] for g in self.gather})
 
     def to_dvc(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"cmd": self.cmd, "deps": self.inputs}
+        sub = (lambda s: s.replace(ITEM, "${item}")) if self.per_backbone else (lambda s: s)
+        d: dict[str, Any] = {"cmd": sub(self.cmd), "deps": [sub(x) for x in [*self.inputs, *self.gather_dirs()]]}
         if self.params:
             d["params"] = list(self.params)
-        if self.outs:
-            d["outs"] = list(self.outs)
+        outs: list[Any] = [sub(o) for o in self.outs] + [{sub(o): {"cache": False}} for o in self.uncached]
+        if outs:
+            d["outs"] = outs
         if self.metrics:
-            d["metrics"] = [{m: {"cache": False}} for m in self.metrics]
+            d["metrics"] = [{sub(m): {"cache": False}} for m in self.metrics]
+        if self.plots:
+            d["plots"] = [{sub(p): {"cache": False, **props}} for p, props in self.plots]
+        if self.per_backbone:
+            return {"foreach": "${backbones}", "do": d}
         return d
+
+
+def _code(*modules: str) -> tuple[str, ...]:
+    return tuple(f"hcd/{m}.py" for m in modules)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -77,7 +107,7 @@ STAGES: tuple[Stage, ...] = (
         name="download",
         script="workflow/scripts/download.py",
         args=("--out", RAW),
-        deps=("hcd/download.py", "hcd/synth.py", "hcd/source.py", "hcd/tiff.py"),
+        deps=_code("download", "synth", "source", "tiff"),
         outs=(RAW,),
         params=("data",),
     ),
@@ -85,7 +115,7 @@ STAGES: tuple[Stage, ...] = (
         name="scan",
         script="workflow/scripts/scan.py",
         args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
-        deps=(RAW, "hcd/scan.py", "hcd/source.py", "hcd/tiff.py", "hcd/packed.py"),
+        deps=(RAW, *_code("scan", "source", "tiff", "packed")),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
         metrics=(f"{METRICS}/scan.json",),
         params=("scan",),
@@ -94,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
         name="split",
         script="workflow/scripts/split.py",
         args=(f"{PACKED}/train_index.csv", "--out", f"{SPLIT}/split.csv", "--balance", f"{METRICS}/split.json"),
-        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, "hcd/split.py"),
+        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, *_code("split")),
         outs=(f"{SPLIT}/split.csv",),
         metrics=(f"{METRICS}/split.json",),
         params=("split",),
@@ -103,15 +133,67 @@ STAGES: tuple[Stage, ...] = (
         name="stats",
         script="workflow/scripts/stats.py",
         args=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", "--out", STATS),
-        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", "hcd/stats.py", "hcd/packed.py"),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *_code("stats", "packed")),
         outs=(STATS,),
     ),
+    Stage(
+        name="train",
+        script="workflow/scripts/train.py",
+        args=(ITEM, "--packed", f"{PACKED}/train_x.npy", "--index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--stats", STATS, "--out-dir", f"models/{ITEM}", "--live-dir", f"dvclive/{ITEM}"),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *_code("train", "models", "augment", "data", "packed")),
+        outs=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
+        metrics=(f"dvclive/{ITEM}/metrics.json",),
+        plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step"}),),
+        params=("seed", "lr", "train", "models"),
+        per_backbone=True,
+        dirs=(f"dvclive/{ITEM}/plots/metrics",),
+        threads="all",
+        resources={"gpu": 1},
+    ),
+    Stage(
+        name="predict",
+        script="workflow/scripts/predict.py",
+        args=(ITEM, "--models", "models", "--packed-dir", PACKED, "--split", f"{SPLIT}/split.csv", "--out", PREDICTIONS),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("predict", "train", "models", "augment", "data", "packed")),
+        outs=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
+        params=("predict",),
+        per_backbone=True,
+        threads="all",
+        resources={"gpu": 1},
+    ),
+    Stage(
+        name="ensemble",
+        script="workflow/scripts/ensemble.py",
+        args=("--predictions", PREDICTIONS, "--test-index", f"{PACKED}/test_index.csv", "--out-dir", "results/ensemble", "--submission", SUBMISSION),
+        deps=(f"{PACKED}/test_index.csv", *_code("ensemble")),
+        gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
+        outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
+        params=("backbones", "ensemble", "seed"),
+    ),
+    Stage(
+        name="metrics",
+        script="workflow/scripts/metrics.py",
+        args=("--predictions", PREDICTIONS, "--ensemble", "results/ensemble/val.csv", "--out", f"{METRICS}/metrics.json", "--plots", PLOTS),
+        deps=("results/ensemble/val.csv", *_code("evaluate")),
+        gather=(f"{PREDICTIONS}/{ITEM}/val.csv",),
+        uncached=(f"{METRICS}/metrics.json", PLOTS),
+        params=("backbones", "metrics"),
+        dirs=(PLOTS,),
+    ),
+)
+
+# Top level of dvc.yaml: what `dvc metrics diff`, `dvc plots diff` and `dvc exp show` read.
+TOP_METRICS = (f"{METRICS}/metrics.json",)
+TOP_PLOTS = (
+    {f"{PLOTS}/roc": {"x": "fpr", "y": "tpr", "template": "simple", "title": "ROC (validation)"}},
+    {f"{PLOTS}/prc": {"x": "recall", "y": "precision", "template": "simple", "title": "Precision-recall (validation)"}},
+    {f"{PLOTS}/confusion.json": {"x": "actual", "y": "predicted", "template": "confusion", "title": "Confusion at 0.5 (ensemble)"}},
 )
 
 
 def final_outputs(stages: tuple[Stage, ...] = STAGES) -> list[str]:
-    """Every output of every stage: the Snakemake ``all`` target."""
-    return [o for s in stages for o in s.outputs]
+    """Outputs of the stages that are not per-backbone: the Snakemake ``all`` target pulls the rest."""
+    return [o for s in stages if not s.per_backbone for o in s.outputs]
 
 
 def snakemake_params(params: Params, stage: Stage) -> dict[str, Any]:
@@ -119,8 +201,26 @@ def snakemake_params(params: Params, stage: Stage) -> dict[str, Any]:
     return {key.replace(".", "__"): lookup(params, key) for key in stage.params}
 
 
+def wildcard(path: str) -> str:
+    """A per-backbone path as a Snakemake pattern."""
+    return path.replace(ITEM, "{backbone}")
+
+
+def snakemake_shell(stage: Stage) -> str:
+    return stage.cmd.replace(ITEM, "{wildcards.backbone}")
+
+
+def snakemake_inputs(stage: Stage, backbones: list[str]) -> list[str]:
+    return [wildcard(i) for i in stage.inputs] + [g.replace(ITEM, b) for g in stage.gather for b in backbones]
+
+
+def snakemake_outputs(stage: Stage) -> list[Any]:
+    """Output patterns; folders are marked with Snakemake's ``directory()`` by the Snakefile."""
+    return [wildcard(o) for o in stage.outputs]
+
+
 def render_dvc_yaml(stages: tuple[Stage, ...] = STAGES) -> str:
-    body = {"stages": {s.name: s.to_dvc() for s in stages}}
+    body = {"stages": {s.name: s.to_dvc() for s in stages}, "metrics": list(TOP_METRICS), "plots": list(TOP_PLOTS)}
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=200)
 
 

@@ -64,6 +64,7 @@ def _slides(rng: np.random.Generator, n_slides: int) -> pd.DataFrame:
             "jitter_r": rng.normal(0, 6, n_slides),
             "jitter_g": rng.normal(0, 6, n_slides),
             "jitter_b": rng.normal(0, 6, n_slides),
+            "blur": rng.choice([0.0, 0.0, 0.0, 0.6, 1.0], n_slides),  # some slides are out of focus
         }
     )
 
@@ -137,6 +138,16 @@ def _nucleus(img: np.ndarray, rng: np.random.Generator, cy: float, cx: float, r:
     patch += alpha[..., None] * (color - patch)
 
 
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (an out-of-focus scan)."""
+    r = np.arange(-2, 3, dtype=np.float32)
+    k = np.exp(-0.5 * (r / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(img, ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    rows = sum(k[i] * pad[i : i + SIZE, :, :] for i in range(5))
+    return sum(k[i] * rows[:, i : i + SIZE, :] for i in range(5))
+
+
 def _touches_centre(cy: float, cx: float, r: float) -> bool:
     lo, hi = CENTRE
     return (lo - r < cy < hi - 1 + r) and (lo - r < cx < hi - 1 + r)
@@ -179,14 +190,20 @@ def render(seed: int, split: str, index: int, label: int, slide: pd.Series) -> n
             if not _touches_centre(cy, cx, 10.0):
                 break
         clusters.append((cy, cx, False))
+    # mimics (hard negatives): histiocyte-like clusters of large, pale, round nuclei in the centre
+    if label == 0 and rng.random() < 0.3:
+        lo, hi = CENTRE
+        for _ in range(int(rng.integers(2, 6))):
+            _nucleus(img, rng, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(2.8, 3.8), haem * rng.uniform(1.05, 1.25), rng.uniform(1.0, 1.15), 0.2, rng.uniform(0.55, 0.75))
+    hard = label == 1 and rng.random() < 0.25  # hard positives: one small, faint tumour cell in the centre
     placed_in_centre = False
     for k, (ccy, ccx, may_touch) in enumerate(clusters):
         spread = rng.uniform(6.0, 14.0)
-        n_cells = int(rng.integers(4, 16))
+        n_cells = 1 if (hard and may_touch) else int(rng.integers(4, 16))
         cyto = np.clip(1.0 - np.hypot(_GRID[:, None] - ccy, _GRID[None, :] - ccx) / (spread * 1.6), 0.0, 1.0) * 0.35
         img += cyto[..., None] * (haem * 1.6 - img) * 0.5
         for j in range(n_cells):
-            r = rng.uniform(3.2, 5.8)
+            r = rng.uniform(3.2, 4.0) if (hard and may_touch) else rng.uniform(3.2, 5.8)
             if may_touch and j == 0:
                 lo, hi = CENTRE  # the seed cell of a positive cluster reaches into the centre
                 cy, cx = rng.uniform(lo - r + 1.5, hi - 1 + r - 1.5, 2)
@@ -196,8 +213,11 @@ def render(seed: int, split: str, index: int, label: int, slide: pd.Series) -> n
                 continue  # negatives: no tumour cell may reach the centre
             if may_touch and _touches_centre(cy, cx, r):
                 placed_in_centre = True
-            _nucleus(img, rng, cy, cx, r, tumour_color * rng.uniform(0.8, 1.15), rng.uniform(1.0, 1.6), rng.uniform(0.3, 0.7), rng.uniform(0.8, 0.97))
+            opacity = rng.uniform(0.55, 0.7) if (hard and may_touch) else rng.uniform(0.8, 0.97)
+            _nucleus(img, rng, cy, cx, r, tumour_color * rng.uniform(0.8, 1.15), rng.uniform(1.0, 1.6), rng.uniform(0.3, 0.7), opacity)
     assert placed_in_centre == bool(label), "generator invariant: label <=> tumour cell in the centre"
+    if slide["blur"] > 0:
+        img = _blur(img, float(slide["blur"]))
 
     img += rng.normal(0.0, 3.5, img.shape).astype(np.float32)  # sensor noise
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)

@@ -1,13 +1,15 @@
-"""The data stages through `dvc repro` and `snakemake` in temporary copies of the repo.
+"""The whole pipeline through `dvc repro` and `snakemake` in temporary copies of the repo.
 
-Both engines must produce byte-identical outputs, rerun exactly the stages a
-params change affects, and Snakemake must not rerun anything after DVC has
-rewritten every file with new modification times.
+On a tiny demo config (two backbones, one epoch) both engines must produce
+byte-identical outputs on the CPU — packed arrays, weights, predictions, metrics,
+submission — rerun exactly the stages a params change affects, and Snakemake must
+not rerun anything after DVC has rewritten every file with new modification times.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,13 +20,19 @@ import pytest
 import yaml
 
 from conftest import REPO
-from hcd.pipeline import STAGES
 
 pytestmark = pytest.mark.e2e
 
-TINY_DATA = {"n_train": 240, "n_test": 30, "n_slides": 12}
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-OUTPUTS = [o for s in STAGES for o in s.outputs]
+TINY = {
+    "backbones": ["cnn", "resnet10t"],
+    "data": {"demo": {"n_train": 240, "n_test": 30, "n_slides": 12}},
+    "train": {"epochs": 1, "batch_size": 32, "crop": 48, "patience": 0},
+    "predict": {"tta": 2, "batch_size": 64},
+    "metrics": {"bootstrap": 20},
+}
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
+ALL_STAGES = {"download", "scan", "split", "stats"} | MODEL_STAGES
 
 
 def sh(cwd: Path, *cmd: str) -> str:
@@ -41,7 +49,8 @@ def repo_copy(dest: Path, **changes) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    set_params(dest, data={"demo": TINY_DATA}, **changes)
+    set_params(dest, **TINY)
+    set_params(dest, **changes)
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "copy")
@@ -64,16 +73,24 @@ def set_params(root: Path, **changes) -> None:
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {o: hashlib.sha256((root / o).read_bytes()).hexdigest() for o in OUTPUTS}
+    """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded)."""
+    files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
 
 
 def dvc_ran(log: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", log))
+    return set(re.findall(r"Running stage '([\w@.-]+)'", log))
 
 
 def snakemake_would_run(root: Path) -> set[str]:
     out = sh(root, "snakemake", "--dry-run", "--cores", "2")
-    return set(re.findall(r"^(?:local)?rule (\w+):", out, re.M)) - {"all"}
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if m and m.group(1) != "all":
+            wild = re.search(r"^\s+wildcards: backbone=(\S+)", block, re.M)
+            jobs.add(m.group(1) + (f"@{wild.group(1)}" if wild else ""))
+    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +98,19 @@ def engines(tmp_path_factory):
     dvc_root = repo_copy(tmp_path_factory.mktemp("dvc"))
     snake_root = repo_copy(tmp_path_factory.mktemp("snakemake"))
     dvc_log = sh(dvc_root, "dvc", "repro")
+    sh(dvc_root, "git", "add", "-A")
+    sh(dvc_root, "git", "commit", "-qm", "baseline results")  # dvc.lock and metrics, for `dvc metrics diff`
     snake_log = sh(snake_root, "snakemake", "--cores", "2")
     return dvc_root, snake_root, dvc_log, snake_log
 
 
 def test_both_engines_run_every_stage_and_agree_byte_for_byte(engines):
     dvc_root, snake_root, dvc_log, _ = engines
-    assert dvc_ran(dvc_log) == {s.name for s in STAGES}
-    assert digests(dvc_root) == digests(snake_root)
+    assert dvc_ran(dvc_log) == ALL_STAGES
+    got = digests(dvc_root)
+    assert got == digests(snake_root)
+    for must in ("results/submission.csv", "models/cnn/model.safetensors", "predictions/resnet10t/test.csv", "metrics/metrics.json", "plots/roc/ensemble.json", "dvclive/cnn/metrics.json"):
+        assert must in got, must
 
 
 def test_a_second_run_does_nothing(engines):
@@ -97,24 +119,37 @@ def test_a_second_run_does_nothing(engines):
     assert snakemake_would_run(snake_root) == set()
 
 
-def test_a_split_param_reruns_split_and_stats_only_in_both_engines(engines):
+def test_exp_run_lr_reruns_only_the_model_stages_and_metrics_diff_shows_it(engines):
+    dvc_root, _, _, _ = engines
+    before = json.loads((dvc_root / "metrics/metrics.json").read_text())
+    log = sh(dvc_root, "dvc", "exp", "run", "-S", "lr=0.0005")
+    assert dvc_ran(log) == MODEL_STAGES
+    after = json.loads((dvc_root / "metrics/metrics.json").read_text())
+    assert after["cnn"]["auc"] != before["cnn"]["auc"]
+    diff = sh(dvc_root, "dvc", "metrics", "diff")
+    assert "metrics/metrics.json" in diff and "cnn.auc" in diff
+    assert "lr" in sh(dvc_root, "dvc", "params", "diff")
+
+
+def test_a_split_param_reruns_split_and_what_follows_in_both_engines(engines):
     dvc_root, snake_root, _, _ = engines
+    sh(dvc_root, "git", "checkout", "--", "params.yaml")  # undo the experiment's lr
     for root in (dvc_root, snake_root):
         set_params(root, split={"val_fraction": 0.25})
-    assert snakemake_would_run(snake_root) == {"split", "stats"}
-    assert dvc_ran(sh(dvc_root, "dvc", "repro")) == {"split", "stats"}
+    assert snakemake_would_run(snake_root) == ALL_STAGES - {"download", "scan"}
+    assert dvc_ran(sh(dvc_root, "dvc", "repro")) == ALL_STAGES - {"download", "scan"}
     sh(snake_root, "snakemake", "--cores", "2")
     assert digests(dvc_root) == digests(snake_root)
     assert '"val_fraction": 0.25' in (dvc_root / "metrics/split.json").read_text()
 
 
-def test_a_scan_param_does_not_rerun_download(engines):
+def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     dvc_root, snake_root, _, _ = engines
     for root in (dvc_root, snake_root):
-        set_params(root, scan={"bright_min": 250})
-    assert snakemake_would_run(snake_root) == {"scan", "split", "stats"}
-    ran = dvc_ran(sh(dvc_root, "dvc", "repro"))
-    assert "download" not in ran and "scan" in ran
+        set_params(root, predict={"tta": 4})
+    expected = {"predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
+    assert snakemake_would_run(snake_root) == expected
+    assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
     sh(snake_root, "snakemake", "--cores", "2")
     assert digests(dvc_root) == digests(snake_root)
 
@@ -129,7 +164,11 @@ def test_snakemake_survives_dvc_rewriting_every_file(engines):
     assert snakemake_would_run(snake_root) == set()
 
 
-def test_dvc_metrics_show_reads_the_scan_summary(engines):
+def test_dvc_metrics_and_plots_read_the_outputs(engines, tmp_path):
     dvc_root, _, _, _ = engines
     out = sh(dvc_root, "dvc", "metrics", "show")
-    assert "metrics/scan.json" in out and "train.packed" in out
+    assert "metrics/scan.json" in out and "metrics/metrics.json" in out and "ensemble.auc" in out
+    assert "dvclive/cnn/metrics.json" in out
+    plots = sh(dvc_root, "dvc", "plots", "show", "--json")
+    for name in ("plots/roc", "plots/confusion.json", "dvclive/cnn/plots/metrics"):
+        assert name in plots, name

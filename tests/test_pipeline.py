@@ -16,21 +16,36 @@ def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
+def dvc_jobs() -> dict[str, dict]:
+    """What DVC itself resolves: stage address (train@cnn) -> cmd, deps, outs, params keys."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        jobs = {}
+        for st in repo.index.stages:
+            params = sorted(k for d in st.deps if hasattr(d, "params") and d.params for k in d.params)
+            jobs[st.addressing] = {
+                "cmd": st.cmd,
+                "deps": sorted(d.def_path for d in st.deps if not (hasattr(d, "params") and d.params is not None and d.def_path.endswith("params.yaml"))),
+                "outs": sorted(o.def_path for o in st.outs),
+                "params": params,
+            }
+        return jobs
+
+
 def snakemake_jobs() -> dict[str, dict]:
-    """What Snakemake itself would run: rule -> {input, output, cmd}, from a forced dry run."""
+    """What Snakemake itself would run: job (rule, or rule@backbone) -> input, output, cmd, from a forced dry run."""
     out = subprocess.run(["snakemake", "--dry-run", "--forceall", "--printshellcmds", "--cores", "1"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     jobs: dict[str, dict] = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         m = re.match(r"(?:local)?rule (\w+):", block)
         if not m or m.group(1) == "all":
             continue
-        fields = dict(re.findall(r"^\s+(input|output): (.*)$", block, re.M))
-        cmd = re.search(r"^Shell command: (.*)$|^\s{4}(python .*)$", block, re.M)
-        jobs[m.group(1)] = {
-            "input": fields.get("input", "").split(", "),
-            "output": fields.get("output", "").split(", "),
-            "cmd": (cmd.group(1) or cmd.group(2)).strip(),
-        }
+        fields = dict(re.findall(r"^\s+(input|output|wildcards): (.*)$", block, re.M))
+        cmd = re.search(r"^Shell command: (.*)$", block, re.M)
+        wild = fields.get("wildcards", "")
+        name = m.group(1) + (f"@{wild.split('=', 1)[1]}" if wild else "")
+        jobs[name] = {"input": sorted(fields.get("input", "").split(", ")), "output": sorted(fields.get("output", "").split(", ")), "cmd": cmd.group(1).strip()}
     return jobs
 
 
@@ -39,23 +54,31 @@ def test_dvc_yaml_is_rendered_from_the_stage_table():
 
 
 def test_both_engines_have_the_same_stages_commands_inputs_and_outputs():
-    dvc, snake = dvc_stages(), snakemake_jobs()
-    assert list(dvc) == [s.name for s in STAGES]
-    assert set(snake) == set(dvc), "one Snakemake rule per dvc.yaml stage"
+    dvc, snake = dvc_jobs(), snakemake_jobs()
+    params = load_params(REPO / "params.yaml")
+    assert set(snake) == set(dvc), "one Snakemake job per resolved DVC stage (train@cnn, ...)"
+    assert {n.split("@")[0] for n in dvc} == {s.name for s in STAGES}
     for name, stage in dvc.items():
         job = snake[name]
         assert job["cmd"] == stage["cmd"], name
-        assert sorted(job["input"]) == sorted(stage["deps"]), name
-        dvc_outs = list(stage.get("outs", [])) + [next(iter(m)) for m in stage.get("metrics", [])]
-        assert sorted(job["output"]) == sorted(dvc_outs), name
+        assert job["output"] == stage["outs"], name
+        # a DVC folder dependency (gathered per-backbone files) stands for the files Snakemake lists in it
+        folders = [d for d in stage["deps"] if any(i.startswith(d + "/") for i in job["input"])]
+        folded = sorted({next((d for d in folders if i.startswith(d + "/")), i) for i in job["input"]})
+        assert folded == stage["deps"], name
+        for d in folders:
+            listed = {i.split("/")[1] for i in job["input"] if i.startswith(d + "/")}
+            assert listed == set(params.backbones), f"{name}: {d}/ must hold every backbone's files"
 
 
 def test_both_engines_track_the_same_params():
     """DVC's params: keys and the Snakemake params: values come from one list per stage."""
     params = load_params(REPO / "params.yaml")
-    dvc = dvc_stages()
+    jobs = dvc_jobs()
     for stage in STAGES:
-        assert dvc[stage.name].get("params", []) == list(stage.params)
+        names = [n for n in jobs if n.split("@")[0] == stage.name]
+        for n in names:
+            assert jobs[n]["params"] == sorted(stage.params), n
         assert set(snakemake_params(params, stage)) == {k.replace(".", "__") for k in stage.params}
 
 
@@ -64,6 +87,8 @@ def test_every_declared_input_exists_or_is_produced():
     for stage in STAGES:
         for dep in stage.inputs:
             assert dep in produced or (REPO / dep).exists(), f"{stage.name}: {dep}"
+        for g in stage.gather:
+            assert g in produced, f"{stage.name}: {g} is not a per-backbone output"
 
 
 def test_stage_scripts_are_thin():

@@ -1,0 +1,114 @@
+"""Batches from the packed arrays, and the preprocessing train and predict share.
+
+:class:`PackedBatches` serves uint8 batches straight from the ``.npy`` array:
+rows are gathered with one fancy index per batch (sorted, so reads from a
+memory map stay sequential), never decoded per image. Arrays that fit
+comfortably in memory are loaded once; larger ones are gathered from the memory
+map batch by batch. Preprocessing (crop, resize, normalise) and augmentation are
+tensor ops on the whole batch, on the model's device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hcd.augment import AugmentConfig, augment_batch, crop_batch
+
+IN_MEMORY_LIMIT = int(os.environ.get("HCD_IN_MEMORY_BYTES", 4 * 2**30))  # load the rows if smaller
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model sees a patch: a centre crop, an optional resize, normalisation by the train statistics."""
+
+    crop: int
+    upscale: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, batch_u8: torch.Tensor, device: torch.device, augment: AugmentConfig | None = None, gen: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+        """(B, 96, 96, 3) uint8 -> (B, 3, S, S) float, normalised, on ``device``."""
+        x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        if augment is not None:
+            assert gen is not None
+            x = augment_batch(x, augment, self.crop, gen)
+        else:
+            x = crop_batch(x, self.crop)
+        if self.upscale and self.upscale != self.crop:
+            x = F.interpolate(x, size=(self.upscale, self.upscale), mode="bilinear", align_corners=False, antialias=False)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class PackedBatches:
+    """uint8 batches of selected rows of a packed array, with their labels."""
+
+    def __init__(self, x: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
+        nbytes = len(self.rows) * int(np.prod(x.shape[1:]))
+        if nbytes <= IN_MEMORY_LIMIT:
+            self.data: np.ndarray = np.ascontiguousarray(x[np.sort(self.rows)])  # one sequential pass
+            order = np.argsort(np.argsort(self.rows, kind="stable"), kind="stable")
+            self.data = self.data[order] if not np.array_equal(order, np.arange(len(order))) else self.data
+            self.local = True
+        else:
+            self.data = x
+            self.local = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``idx`` (positions in this selection) as a uint8 tensor, and their labels."""
+        if self.local:
+            batch = self.data[idx]
+        else:
+            src = self.rows[idx]
+            order = np.argsort(src, kind="stable")
+            batch = np.empty((len(idx), *self.data.shape[1:]), np.uint8)
+            batch[order] = self.data[src[order]]  # sorted gather: sequential reads of the memory map
+        y = None if self.labels is None else torch.from_numpy(self.labels[idx])
+        return torch.from_numpy(batch), y
+
+    def batches(self, batch_size: int, gen: torch.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        n = len(self)
+        order = torch.randperm(n, generator=gen).numpy() if gen is not None else np.arange(n)
+        stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            yield self.gather(order[start : start + batch_size])
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU (``HCD_DEVICE`` overrides)."""
+    name = requested or os.environ.get("HCD_DEVICE")
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16 (with a grad scaler); None on CPU (fp32, bit-reproducible)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def set_threads() -> int:
+    """Use every core this process may run on (cgroup/affinity aware), once."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = int(os.environ.get("HCD_THREADS", n))
+    torch.set_num_threads(max(1, n))
+    return n

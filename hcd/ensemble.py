@@ -1,0 +1,111 @@
+"""Stage ``ensemble``: combine the backbones, write the Kaggle ``submission.csv``.
+
+``ensemble.method``:
+
+* ``mean``  — the mean of the backbones' probabilities;
+* ``rank``  — the mean of their ranks (scaled to [0, 1]), robust to calibration differences;
+* ``stack`` — a logistic regression on the backbones' logits, fitted on the validation
+  side; its validation predictions are cross-validated (5 folds), so the reported
+  validation AUC is not fitted on itself.
+
+The submission is validated before it is written: header ``id,label``, one row per
+``sample_submission.csv`` id in its order, probabilities in [0, 1], no NaN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import logit
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from hcd.errors import HcdError
+from hcd.io import clean_stale_temps, write_csv, write_json
+from hcd.params import load_params
+
+
+def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+    """val (n_val, k) and test (n_test, k) probabilities -> combined (val, test, weights)."""
+    if method == "mean":
+        return val.mean(1), test.mean(1), None
+    if method == "rank":
+        def ranks(a: np.ndarray) -> np.ndarray:
+            return np.mean([(rankdata(a[:, j]) - 1) / max(1, len(a) - 1) for j in range(a.shape[1])], axis=0)
+
+        return ranks(val), ranks(test), None
+    if method == "stack":
+        z_val, z_test = logit(np.clip(val, 1e-6, 1 - 1e-6)), logit(np.clip(test, 1e-6, 1 - 1e-6))
+        lr = LogisticRegression(C=1.0, max_iter=1000)
+        folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+        cv = cross_val_predict(lr, z_val, y_val, cv=folds, method="predict_proba")[:, 1]
+        lr.fit(z_val, y_val)
+        return cv, lr.predict_proba(z_test)[:, 1], [float(w) for w in lr.coef_[0]]
+    raise HcdError(f"params.yaml: ensemble.method: unknown method {method!r}")
+
+
+def validate_submission(sub: pd.DataFrame, expected_ids: list[str], where: str) -> None:
+    """One-line error unless ``sub`` is exactly what Kaggle takes."""
+    if list(sub.columns) != ["id", "label"]:
+        raise HcdError(f"{where}: header must be 'id,label', found '{','.join(map(str, sub.columns))}'")
+    ids = sub["id"].tolist()
+    if ids != expected_ids:
+        missing = set(expected_ids) - set(ids)
+        extra = set(ids) - set(expected_ids)
+        if missing:
+            raise HcdError(f"{where}: {len(missing)} sample_submission ids missing (first: {sorted(missing)[0]})")
+        if extra:
+            raise HcdError(f"{where}: {len(extra)} ids not in sample_submission (first: {sorted(extra)[0]})")
+        if len(ids) != len(set(ids)):
+            raise HcdError(f"{where}: duplicate ids")
+        raise HcdError(f"{where}: ids are not in sample_submission order")
+    p = pd.to_numeric(sub["label"], errors="coerce").to_numpy(dtype=float)
+    if np.isnan(p).any():
+        raise HcdError(f"{where}: {int(np.isnan(p).sum())} labels are NaN or not numbers (first id: {sub['id'][np.isnan(p)].iloc[0]})")
+    if (p < 0).any() or (p > 1).any():
+        raise HcdError(f"{where}: labels must be probabilities in [0, 1] (found {p.min():.3g} .. {p.max():.3g})")
+
+
+def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str, out_dir: Path, submission: Path, seed: int, log=print) -> dict:
+    vals, tests = [], []
+    for b in backbones:
+        try:
+            vals.append(pd.read_csv(pred_dir / b / "val.csv", dtype={"id": str}))
+            tests.append(pd.read_csv(pred_dir / b / "test.csv", dtype={"id": str}))
+        except FileNotFoundError as exc:
+            raise HcdError(f"{exc.filename}: not found (run predict for {b})") from None
+    for b, v, t in zip(backbones, vals, tests):
+        if not (v["id"].equals(vals[0]["id"]) and t["id"].equals(tests[0]["id"])):
+            raise HcdError(f"{pred_dir / b}: predictions are for other ids than {backbones[0]}'s (rerun predict)")
+    y = vals[0]["label"].to_numpy()
+    pv = np.stack([v["prob"].to_numpy() for v in vals], 1)
+    pt = np.stack([t["prob"].to_numpy() for t in tests], 1)
+    cv, ct, weights = combine(method, pv, pt, y, seed)
+    expected = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)["id"].tolist()
+    sub = pd.DataFrame({"id": tests[0]["id"], "label": np.clip(ct, 0.0, 1.0)})
+    validate_submission(sub, expected, str(submission))
+    write_csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, "prob": cv}))
+    write_csv(submission, sub)
+    info = {"method": method, "backbones": backbones, "weights": weights}
+    write_json(out_dir / "ensemble.json", info)
+    log(f"ensemble: {method} of {', '.join(backbones)} -> {submission} ({len(sub)} rows)")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="ensemble", description=__doc__.splitlines()[0])
+    ap.add_argument("--predictions", default="predictions")
+    ap.add_argument("--test-index", default="data/packed/test_index.csv")
+    ap.add_argument("--out-dir", default="results/ensemble")
+    ap.add_argument("--submission", default="results/submission.csv")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    out = Path(args.out_dir)
+    clean_stale_temps(out / "val.csv", out / "ensemble.json", args.submission)
+    ensemble(p.backbones, Path(args.predictions), Path(args.test_index), p.ensemble.method, out, Path(args.submission), p.seed, log=lambda m: print(m, file=sys.stderr))

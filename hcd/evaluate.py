@@ -1,0 +1,142 @@
+"""Stage ``metrics``, and ``hcd score``: how good are the predictions?
+
+Per backbone and for the ensemble, on the validation side: ROC AUC with a
+bootstrap 95 % interval, log loss, and accuracy / sensitivity / specificity at
+0.5 and at the Youden threshold (max sensitivity + specificity - 1). Writes
+``metrics/metrics.json`` (a top-level DVC metric) and ROC, precision-recall and
+confusion-matrix data under ``plots/`` (top-level DVC plots).
+
+``hcd score SUBMISSION LABELS`` scores any submission against a labels CSV
+(id,label) — a local leaderboard for whoever holds test labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
+
+from hcd.errors import HcdError
+from hcd.io import clean_stale_temps, write_json
+from hcd.params import load_params
+
+MAX_CURVE_POINTS = 400  # plots stay small enough for git
+
+
+def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """Percentile 95 % interval of the AUC over ``n`` stratified resamples."""
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    aucs = np.empty(n)
+    for i in range(n):
+        s = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        aucs[i] = roc_auc_score(y[s], p[s])
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict:
+    pred = p >= t
+    tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+    fp, fn = int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+    return {
+        "threshold": float(t),
+        "accuracy": (tp + tn) / len(y),
+        "sensitivity": tp / max(1, tp + fn),
+        "specificity": tn / max(1, tn + fp),
+    }
+
+
+def score(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    if len(np.unique(y)) != 2:
+        raise HcdError("metrics: the labels hold one class only; AUC is undefined")
+    fpr, tpr, thr = roc_curve(y, p)
+    youden = float(thr[np.argmax(tpr - fpr)])
+    lo, hi = bootstrap_auc(y, p, n_boot, seed)
+    return {
+        "auc": float(roc_auc_score(y, p)),
+        "auc_ci95": [lo, hi],
+        "log_loss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "at_0.5": at_threshold(y, p, 0.5),
+        "at_youden": at_threshold(y, p, min(youden, 1.0)),
+        "n": int(len(y)),
+    }
+
+
+def _thin(frame: pd.DataFrame) -> pd.DataFrame:
+    if len(frame) <= MAX_CURVE_POINTS:
+        return frame
+    keep = np.unique(np.linspace(0, len(frame) - 1, MAX_CURVE_POINTS).round().astype(int))
+    return frame.iloc[keep]
+
+
+def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_out: Path, plots_dir: Path, n_boot: int, seed: int, log=print) -> dict:
+    sources = {b: pred_dir / b / "val.csv" for b in backbones}
+    sources["ensemble"] = ensemble_val
+    out: dict = {}
+    for name, path in sources.items():
+        try:
+            frame = pd.read_csv(path, dtype={"id": str})
+        except FileNotFoundError:
+            raise HcdError(f"{path}: not found (run predict / ensemble first)") from None
+        y, p = frame["label"].to_numpy(), frame["prob"].to_numpy()
+        out[name] = score(y, p, n_boot, seed)
+        fpr, tpr, _ = roc_curve(y, p)
+        prec, rec, _ = precision_recall_curve(y, p)
+        write_json(plots_dir / "roc" / f"{name}.json", {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")})
+        write_json(plots_dir / "prc" / f"{name}.json", {"prc": _thin(pd.DataFrame({"recall": rec, "precision": prec})).to_dict("records")})
+        if name == "ensemble":
+            pred = (p >= 0.5).astype(int)
+            write_json(plots_dir / "confusion.json", {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]})
+        m = out[name]
+        log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
+    best = max(backbones, key=lambda b: out[b]["auc"])
+    out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
+    write_json(metrics_out, out)
+    return out
+
+
+def score_submission(submission: Path, labels: Path, n_boot: int = 1000) -> dict:
+    """AUC of a submission against a labels CSV (id,label): ids must match exactly."""
+    try:
+        sub = pd.read_csv(submission, dtype={"id": str})
+        lab = pd.read_csv(labels, dtype={"id": str})
+    except FileNotFoundError as exc:
+        raise HcdError(f"{exc.filename}: not found") from None
+    for path, frame in ((submission, sub), (labels, lab)):
+        if not {"id", "label"} <= set(frame.columns):
+            raise HcdError(f"{path}: expected columns id,label")
+    merged = lab.merge(sub, on="id", how="left", suffixes=("_true", "_pred"))
+    if merged["label_pred"].isna().any():
+        missing = merged.loc[merged["label_pred"].isna(), "id"]
+        raise HcdError(f"{submission}: no prediction for {len(missing)} labelled ids (first: {missing.iloc[0]})")
+    return score(merged["label_true"].to_numpy().astype(int), merged["label_pred"].to_numpy().astype(float), n_boot, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="metrics", description=__doc__.splitlines()[0])
+    ap.add_argument("--predictions", default="predictions")
+    ap.add_argument("--ensemble", default="results/ensemble/val.csv")
+    ap.add_argument("--out", default="metrics/metrics.json")
+    ap.add_argument("--plots", default="plots")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    clean_stale_temps(args.out)
+    evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
+
+
+def score_main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="hcd score", description="score a submission against labels: AUC with a bootstrap 95 % interval")
+    ap.add_argument("submission")
+    ap.add_argument("labels")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    m = score_submission(Path(args.submission), Path(args.labels), args.bootstrap)
+    print(f"AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f}), log loss {m['log_loss']:.4f}, accuracy@0.5 {m['at_0.5']['accuracy']:.4f}, n={m['n']}")

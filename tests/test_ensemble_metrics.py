@@ -1,0 +1,81 @@
+"""Submission validation, ensemble methods, metrics and `hcd score`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import REPO
+from hcd.ensemble import combine, validate_submission
+from hcd.errors import HcdError
+from hcd.evaluate import score, score_submission
+
+IDS = [f"{i:040x}" for i in range(5)]
+
+
+def sub(ids=IDS, labels=(0.1, 0.2, 0.3, 0.4, 0.5), cols=("id", "label")):
+    return pd.DataFrame({cols[0]: list(ids), cols[1]: list(labels)})
+
+
+def test_a_valid_submission_passes():
+    validate_submission(sub(), IDS, "s.csv")
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (sub(ids=IDS[::-1]), "not in sample_submission order"),
+        (sub(ids=IDS[:4], labels=(0.1, 0.2, 0.3, 0.4)), "1 sample_submission ids missing"),
+        (sub(ids=IDS + ["f" * 40], labels=(0.1,) * 6), "1 ids not in sample_submission"),
+        (sub(labels=(0.1, np.nan, 0.3, 0.4, 0.5)), "1 labels are NaN"),
+        (sub(labels=(0.1, 1.2, 0.3, 0.4, 0.5)), "probabilities in [0, 1]"),
+        (sub(cols=("id", "prob")), "header must be 'id,label'"),
+    ],
+)
+def test_submission_problems_are_one_line_errors(frame, words):
+    with pytest.raises(HcdError) as info:
+        validate_submission(frame, IDS, "s.csv")
+    assert words in str(info.value) and str(info.value).startswith("s.csv:")
+
+
+def test_ensemble_methods():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    val = np.clip(np.stack([y * 0.3 + rng.random(400) * 0.7, y * 0.2 + rng.random(400) * 0.8], 1), 0, 1)
+    test = rng.random((50, 2))
+    for method in ("mean", "rank", "stack"):
+        v, t, w = combine(method, val, test, y)
+        assert v.shape == (400,) and t.shape == (50,) and (0 <= t).all() and (t <= 1).all()
+        assert roc_auc_score(y, v) >= max(roc_auc_score(y, val[:, 0]), roc_auc_score(y, val[:, 1])) - 0.02
+    _, _, w = combine("stack", val, test, y)
+    assert w is not None and w[0] > 0 and w[1] > 0
+
+
+def test_score_matches_sklearn_and_its_interval_holds_it():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(y * 0.25 + rng.random(500) * 0.75, 0, 1)
+    m = score(y, p, n_boot=300, seed=0)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+    lo, hi = m["auc_ci95"]
+    assert lo < m["auc"] < hi and hi - lo < 0.15
+    assert 0 <= m["at_youden"]["threshold"] <= 1
+    a = m["at_0.5"]
+    pred = p >= 0.5
+    assert a["sensitivity"] == pytest.approx(pred[y == 1].mean()) and a["specificity"] == pytest.approx((~pred[y == 0]).mean())
+
+
+def test_hcd_score_cli(tmp_path):
+    labels = pd.DataFrame({"id": IDS, "label": [0, 1, 0, 1, 1]})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    sub(labels=(0.1, 0.9, 0.2, 0.8, 0.3)).to_csv(tmp_path / "sub.csv", index=False)
+    out = subprocess.run([sys.executable, "-m", "hcd", "score", str(tmp_path / "sub.csv"), str(tmp_path / "labels.csv"), "--bootstrap", "50"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith("AUC 1.0000")
+    sub(ids=IDS[:3], labels=(0.1, 0.2, 0.3)).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(HcdError, match="no prediction for 2 labelled ids"):
+        score_submission(tmp_path / "short.csv", tmp_path / "labels.csv")
