@@ -1,0 +1,152 @@
+"""Quality of the default recipe, from a fresh clone: demo data and the real sample.
+
+Usage:
+    python benchmarks/quality.py [--real ZIP --labels CSV] [--skip-demo] [--out FILE]
+
+1. Demo: clones this repository's HEAD into a temporary folder and runs
+   `dvc repro` on the defaults; prints the wall time of the whole pipeline and of
+   each stage, and the validation AUC of every backbone and of the ensemble.
+   Targets: <= 10 minutes on 2 CPU cores, ensemble validation AUC >= 0.97.
+2. Real sample (``--real``, default $HCD_REAL_ZIP): the same defaults with
+   ``data.source: zip``; prints each training stage's time, scores
+   ``results/submission.csv`` against ``--labels`` with `hcd score`, and every
+   backbone's test AUC. Targets: training <= 10 minutes, submission test AUC
+   >= 0.85, ensemble not below the best single backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from sklearn.metrics import roc_auc_score
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+
+def clone(dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    return dest
+
+
+def timed_repro(root: Path) -> tuple[float, dict[str, float], str]:
+    """`dvc repro`, streaming its output: total seconds and seconds per stage."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stages: dict[str, float] = {}
+    current, started, lines = None, t0, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.match(r"Running stage '([\w@.-]+)'", line)
+        if m:
+            now = time.perf_counter()
+            if current:
+                stages[current] = round(now - started, 1)
+            current, started = m.group(1), now
+    proc.wait()
+    total = time.perf_counter() - t0
+    if current:
+        stages[current] = round(time.perf_counter() - started, 1)
+    log = "".join(lines)
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc repro failed in {root}:\n{log[-3000:]}")
+    return round(total, 1), stages, log
+
+
+def set_params(root: Path, **changes) -> None:
+    path = root / "params.yaml"
+    p = yaml.safe_load(path.read_text())
+    for k, v in changes.items():
+        node = p
+        *parents, last = k.split(".")
+        for q in parents:
+            node = node.setdefault(q, {})
+        node[last] = v
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def demo(work: Path) -> dict:
+    root = clone(work / "demo")
+    total, stages, _ = timed_repro(root)
+    m = json.loads((root / "metrics/metrics.json").read_text())
+    backbones = [k for k in m if k not in ("ensemble", "summary")]
+    out = {
+        "pipeline_seconds": total,
+        "stage_seconds": stages,
+        "val_auc": {k: round(m[k]["auc"], 4) for k in [*backbones, "ensemble"]},
+        "ensemble_val_auc": round(m["ensemble"]["auc"], 4),
+        "targets": {"pipeline_seconds <= 600": total <= 600, "ensemble_val_auc >= 0.97": m["ensemble"]["auc"] >= 0.97},
+    }
+    print(f"demo: whole pipeline {total:.0f} s (target <= 600); per stage: {stages}")
+    print(f"demo: validation AUC {out['val_auc']} (ensemble target >= 0.97)")
+    return out
+
+
+def real(work: Path, archive: Path, labels: Path) -> dict:
+    root = clone(work / "real")
+    set_params(root, **{"data.source": "zip", "data.path": str(archive.resolve())})
+    total, stages, _ = timed_repro(root)
+    score = subprocess.run([sys.executable, "-m", "hcd", "score", "results/submission.csv", str(labels.resolve())], cwd=root, env=ENV, capture_output=True, text=True, check=True).stdout.strip()
+    truth = pd.read_csv(labels, dtype={"id": str})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    test_auc = {}
+    for b in params["backbones"]:
+        pred = pd.read_csv(root / "predictions" / b / "test.csv", dtype={"id": str}).merge(truth, on="id")
+        test_auc[b] = round(float(roc_auc_score(pred["label"], pred["prob"])), 4)
+    sub = pd.read_csv(root / "results/submission.csv", dtype={"id": str}).merge(truth, on="id", suffixes=("_pred", ""))
+    test_auc["ensemble"] = round(float(roc_auc_score(sub["label"], sub["label_pred"])), 4)
+    train_s = round(sum(v for k, v in stages.items() if k.startswith("train@")), 1)
+    best_single = max(v for k, v in test_auc.items() if k != "ensemble")
+    out = {
+        "pipeline_seconds": total,
+        "train_seconds": train_s,
+        "stage_seconds": stages,
+        "hcd_score": score,
+        "test_auc": test_auc,
+        "targets": {
+            "train_seconds <= 600": train_s <= 600,
+            "submission_test_auc >= 0.85": test_auc["ensemble"] >= 0.85,
+            "ensemble >= best single": test_auc["ensemble"] >= best_single,
+        },
+    }
+    print(f"real: training {train_s:.0f} s (target <= 600), whole pipeline {total:.0f} s; per stage: {stages}")
+    print(f"real: hcd score results/submission.csv labels -> {score}")
+    print(f"real: test AUC per backbone and ensemble {test_auc} (target >= 0.85, ensemble >= best single {best_single})")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--real", default=os.environ.get("HCD_REAL_ZIP"))
+    ap.add_argument("--labels", default=None, help="test labels CSV (default: beside --real, *-test-labels.csv)")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--out", default="benchmarks/out/quality.json")
+    args = ap.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not args.skip_demo:
+            results["demo"] = demo(work)
+        if args.real:
+            archive = Path(args.real)
+            labels = Path(args.labels) if args.labels else archive.with_name(archive.stem + "-test-labels.csv")
+            results["real"] = real(work, archive, labels)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
