@@ -70,7 +70,7 @@ class AugmentParams(_Strict):
 
 
 class TrainParams(_Strict):
-    epochs: int = Field(12, ge=1, le=1000)
+    epochs: int = Field(14, ge=1, le=1000)
     batch_size: int = Field(128, ge=2, le=8192)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
@@ -82,7 +82,7 @@ class TrainParams(_Strict):
     augment: AugmentParams = AugmentParams()
     pretrained: bool | str = False  # true: timm hub weights (needs a network); a path: local weights
     freeze_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
-    patience: int = Field(3, ge=0)  # early stopping on validation AUC (0: off); the best epoch is kept
+    patience: int = Field(5, ge=0)  # early stopping on validation AUC (0: off); the best epoch is kept
     pos_weight: float | Literal["auto"] | None = None  # BCE positive-class weight; auto = negatives/positives
     compile: bool = False  # torch.compile the model (CUDA)
 
@@ -108,7 +108,7 @@ class PredictParams(_Strict):
 
 
 class EnsembleParams(_Strict):
-    method: Literal["mean", "rank", "stack"] = "mean"  # stack: logistic regression fitted on validation
+    method: Literal["mean", "rank", "stack"] = "stack"  # stack: logistic regression fitted on validation
 
 
 class MetricsParams(_Strict):
