@@ -141,7 +141,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     from dvclive import Live
     from tqdm import tqdm
 
-    best = {"auc": -1.0, "epoch": -1, "state": None}
+    best = {"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}
     history = []
     bad_epochs = 0
     log(f"train {backbone}: {len(train_src)} train / {len(val_src)} val patches, {device.type}, {threads} threads, lr {lr:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
@@ -182,8 +182,10 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
             live.log_metric("val/auc", auc)
             live.next_step()
             log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {auc:.4f}")
-            if auc > best["auc"]:
-                best = {"auc": auc, "epoch": epoch + 1, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+            # best epoch by validation AUC; by validation loss when the validation side holds one class
+            score = auc if math.isfinite(auc) else -val_loss
+            if best["state"] is None or score > best["score"]:
+                best = {"auc": auc, "score": score, "epoch": epoch + 1, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
                 bad_epochs = 0
             else:
                 bad_epochs += 1

@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory):
     np.save(root / "x.npy", x)
     ids = [f"{i:040x}" for i in range(n)]
     pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "outlier": 0}).to_csv(root / "index.csv", index=False)
-    side = np.where(np.arange(n) % 4 == 0, "val", "train")
+    side = np.where(np.arange(n) % 3 == 0, "val", "train")  # both classes on each side
     pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(root / "split.csv", index=False)
     (root / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
     return root
