@@ -90,3 +90,29 @@ def test_hed_jitter_with_identity_draws_changes_nothing():
 
     x = torch.rand(2, 3, 16, 16) * 0.9 + 0.05
     torch.testing.assert_close(hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3)), x, atol=1e-4, rtol=1e-4)
+
+
+def test_local_pretrained_weights_load_and_a_code_carrying_pickle_is_refused(tmp_path):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    donor = build_model("cnn")
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = build_model("cnn", pretrained=str(tmp_path / "w.safetensors"))
+    for k, v in donor.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(HcdError, match="not a loadable weights file"):
+        build_model("cnn", pretrained=str(tmp_path / "evil.pt"))
+    assert not marker.exists(), "loading must never run code from the file"
