@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from hcd.augment import AugmentConfig, augment_batch, crop_batch
 
 IN_MEMORY_LIMIT = int(os.environ.get("HCD_IN_MEMORY_BYTES", 4 * 2**30))  # load the rows if smaller
+GPU_FRACTION = float(os.environ.get("HCD_GPU_DATA_FRACTION", 0.5))  # of free GPU memory, for resident data
 
 
 @dataclass(frozen=True)
@@ -45,39 +46,61 @@ class Preprocess:
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        # the crop gather leaves NHWC strides: hand the model the layout it was set up for
+        return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class PackedBatches:
-    """uint8 batches of selected rows of a packed array, with their labels."""
+    """uint8 batches of selected rows of a packed array, with their labels (see the module doc)."""
 
-    def __init__(self, x: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
+    def __init__(self, x: np.ndarray, rows: np.ndarray, labels: np.ndarray | None = None, device: torch.device | str = "cpu", mode: str | None = None) -> None:
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.device = torch.device(device)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
         nbytes = len(self.rows) * int(np.prod(x.shape[1:]))
-        if nbytes <= IN_MEMORY_LIMIT:
-            self.data: np.ndarray = np.ascontiguousarray(x[np.sort(self.rows)])  # one sequential pass
-            order = np.argsort(np.argsort(self.rows, kind="stable"), kind="stable")
-            self.data = self.data[order] if not np.array_equal(order, np.arange(len(order))) else self.data
-            self.local = True
-        else:
-            self.data = x
-            self.local = False
+        self.mode = mode or self._choose(nbytes)
+        self.x = x
+        if self.mode in ("host", "device"):
+            order = np.argsort(self.rows, kind="stable")
+            data = np.empty((len(self.rows), *x.shape[1:]), np.uint8)
+            for s in range(0, len(order), 4096):  # sorted chunks: sequential reads, bounded extra memory
+                sel = order[s : s + 4096]
+                data[sel] = x[self.rows[sel]]
+            if self.mode == "device":
+                self.gpu = torch.from_numpy(data).to(self.device)  # once; the host copy is dropped
+                self.gpu_labels = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
+                del data
+            else:
+                self.data = data
+
+    def _choose(self, nbytes: int) -> str:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes <= GPU_FRACTION * free:
+                return "device"
+        return "host" if nbytes <= IN_MEMORY_LIMIT else "stream"
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``idx`` (positions in this selection) as a uint8 tensor, and their labels."""
-        if self.local:
+        """Rows ``idx`` (positions in this selection) as a uint8 (B, 96, 96, 3) tensor, and their labels."""
+        if self.mode == "device":
+            i = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+            return self.gpu[i], None if self.gpu_labels is None else self.gpu_labels[i]
+        if self.mode == "host":
             batch = self.data[idx]
         else:
             src = self.rows[idx]
             order = np.argsort(src, kind="stable")
-            batch = np.empty((len(idx), *self.data.shape[1:]), np.uint8)
-            batch[order] = self.data[src[order]]  # sorted gather: sequential reads of the memory map
+            batch = np.empty((len(idx), *self.x.shape[1:]), np.uint8)
+            batch[order] = self.x[src[order]]  # sorted gather: sequential reads of the memory map
+        t = torch.from_numpy(batch)
         y = None if self.labels is None else torch.from_numpy(self.labels[idx])
-        return torch.from_numpy(batch), y
+        if self.device.type == "cuda":  # pinned, so the copy to the GPU overlaps compute
+            t = t.pin_memory()
+            y = None if y is None else y.pin_memory()
+        return t, y
 
     def batches(self, batch_size: int, gen: torch.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         n = len(self)

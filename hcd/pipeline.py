@@ -183,7 +183,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Top level of dvc.yaml: what `dvc metrics diff`, `dvc plots diff` and `dvc exp show` read.
-TOP_METRICS = (f"{METRICS}/metrics.json",)
+TOP_METRICS = (f"{METRICS}/metrics.json", "benchmarks/results.json")  # results.json: benchmarks/bench_speed.py
 TOP_PLOTS = (
     {f"{PLOTS}/roc": {"x": "fpr", "y": "tpr", "template": "simple", "title": "ROC (validation)"}},
     {f"{PLOTS}/prc": {"x": "recall", "y": "precision", "template": "simple", "title": "Precision-recall (validation)"}},

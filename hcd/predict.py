@@ -40,9 +40,9 @@ def predict(model_dir: Path, packed: Path, index: Path, split: Path, test_packed
         raise HcdError(f"{split}: does not match {index} (rerun split)")
     val = (sides["side"] == "val").to_numpy()
     t0 = time.perf_counter()
-    p_val = predict_logits(model, PackedBatches(open_packed(packed), idx["row"].to_numpy()[val]), prep, device, batch_size, tta)
+    p_val = predict_logits(model, PackedBatches(open_packed(packed), idx["row"].to_numpy()[val], device=device), prep, device, batch_size, tta)
     test_idx = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)
-    p_test = predict_logits(model, PackedBatches(open_packed(test_packed), test_idx["row"].to_numpy()), prep, device, batch_size, tta)
+    p_test = predict_logits(model, PackedBatches(open_packed(test_packed), test_idx["row"].to_numpy(), device=device), prep, device, batch_size, tta)
     seconds = time.perf_counter() - t0
     y = idx["label"].to_numpy()[val]
     write_csv(out_dir / "val.csv", pd.DataFrame({"id": idx["id"].to_numpy()[val], "label": y, "prob": p_val}))

@@ -41,6 +41,74 @@ from hcd.packed import open_packed
 from hcd.params import Params, TrainParams, load_params
 
 
+MAX_STEPS = int(os.environ["HCD_MAX_STEPS"]) if os.environ.get("HCD_MAX_STEPS") else None  # benchmarks and smoke runs
+
+
+def train_steps(
+    model: torch.nn.Module,
+    fwd: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    source: PackedBatches,
+    prep: Preprocess,
+    aug: AugmentConfig,
+    gen_order: torch.Generator,
+    gen_aug: torch.Generator,
+    batch_size: int,
+    device: torch.device,
+    name: str,
+    epoch: int,
+    scaler: torch.amp.GradScaler | None = None,
+    pos_weight: torch.Tensor | None = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> tuple[float, int]:
+    """One epoch (or ``max_steps`` steps) of the hot loop; returns (summed loss, patches seen).
+
+    Per step: one gather from the packed array (or the GPU-resident copy), batched
+    augmentation and normalisation on the device, autocast forward, backward, step.
+    The loss is read back once per epoch, not per step, so the GPU is never waited on.
+    """
+    from tqdm import tqdm
+
+    dtype = autocast_dtype(device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    channels_last = device.type == "cuda"
+    model.train()
+    n_steps = len(source) // batch_size
+    if max_steps is not None:
+        n_steps = min(n_steps, max_steps)
+    losses = torch.zeros((), device=device, dtype=torch.float64)
+    seen = 0
+    bar = tqdm(total=n_steps * batch_size, unit="patch", unit_scale=True, desc=f"{name} epoch {epoch + 1}/{epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress else True)
+    for step, (xb, yb) in enumerate(source.batches(batch_size, gen_order, drop_last=True)):
+        if step >= n_steps:
+            break
+        xin = prep(xb, device, aug, gen_aug, channels_last)
+        y = yb.to(device, non_blocking=True).view(-1, 1)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logit = fwd(xin).float()
+        loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
+        if device.type == "cpu" or step % 50 == 0:  # on a GPU, check without a sync every step
+            if not torch.isfinite(loss):
+                cur = opt.param_groups[0]["lr"]
+                raise HcdError(f"train {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {cur:.3g} — lower lr or check the data; no checkpoint written")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        losses += loss.detach().double() * len(y)
+        seen += len(y)
+        bar.update(len(y))
+    bar.close()
+    total = float(losses)
+    if not math.isfinite(total):
+        raise HcdError(f"train {name}: loss became non-finite during epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; no checkpoint written")
+    return total, seen
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -113,8 +181,8 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     prep = Preprocess(cfg.crop, cfg.upscale, tuple(st["mean"]), tuple(st["std"]))
     is_train = (sides["side"] == "train").to_numpy()
     labels = idx["label"].to_numpy()
-    train_src = PackedBatches(x, idx["row"].to_numpy()[is_train], labels[is_train])
-    val_src = PackedBatches(x, idx["row"].to_numpy()[~is_train], labels[~is_train])
+    train_src = PackedBatches(x, idx["row"].to_numpy()[is_train], labels[is_train], device=device)
+    val_src = PackedBatches(x, idx["row"].to_numpy()[~is_train], labels[~is_train], device=device)
     y_val = labels[~is_train]
 
     model = build_model(backbone, cfg.pretrained).to(device)
@@ -139,7 +207,6 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     head = set(map(id, classifier_params(model)))
 
     from dvclive import Live
-    from tqdm import tqdm
 
     best = {"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}
     history = []
@@ -151,27 +218,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
             frozen = epoch < cfg.freeze_epochs and bool(head)
             for p in model.parameters():
                 p.requires_grad_(not frozen or id(p) in head)
-            model.train()
-            total, seen = 0.0, 0
-            bar = tqdm(total=steps * cfg.batch_size, unit="patch", unit_scale=True, desc=f"{backbone} epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, mininterval=2.0, disable=None)
-            for step, (xb, yb) in enumerate(train_src.batches(cfg.batch_size, gen_order, drop_last=True)):
-                xin = prep(xb, device, aug, gen_aug, channels_last)
-                y = yb.to(device, non_blocking=True).view(-1, 1)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logit = fwd(xin).float()
-                loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
-                if not torch.isfinite(loss):
-                    cur = opt.param_groups[0]["lr"]
-                    raise HcdError(f"train {backbone}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {cur:.3g} — lower lr or check the data; no checkpoint written")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                total += loss.item() * len(y)
-                seen += len(y)
-                bar.update(len(y))
-            bar.close()
+            total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
             p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
             val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(y_val).double()))
             auc = _auc(y_val, p_val)

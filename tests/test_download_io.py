@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO, TINY, make_archive
+from conftest import REPO, make_archive
 from hcd.download import download, from_dir
 from hcd.errors import HcdError
 from hcd.io import atomic_path, write_json

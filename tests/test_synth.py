@@ -6,7 +6,6 @@ import hashlib
 import re
 import zipfile
 
-import numpy as np
 import pandas as pd
 
 from conftest import TINY
@@ -59,3 +58,10 @@ def test_label_depends_only_on_the_centre():
     centre = pd.DataFrame(centre_dark, columns=["v", "y"])
     gap = lambda f: f.query("y == 1")["v"].mean() - f.query("y == 0")["v"].mean()
     assert gap(centre) > 3 * abs(gap(ring)), (gap(centre), gap(ring))
+
+
+def test_parallel_rendering_writes_the_same_archive(tmp_path):
+    p = DemoParams(n_train=300, n_test=40, n_slides=6, seed=5)
+    write_archive(tmp_path / "one.zip", p, workers=1)
+    write_archive(tmp_path / "two.zip", p, workers=2)
+    assert (tmp_path / "one.zip").read_bytes() == (tmp_path / "two.zip").read_bytes()

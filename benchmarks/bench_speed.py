@@ -1,0 +1,273 @@
+"""The speed suite: every figure a ratio measured side by side in one run.
+
+Usage:
+    python benchmarks/bench_speed.py [--backbones cnn resnet18] [--batch 64] [--steps 20]
+                                     [--full-size] [--skip-engines] [--out benchmarks/results.json]
+
+1. Training throughput of hcd's loop (batches from a packed array, augmentation,
+   normalisation, autocast, optimizer and schedule: ``hcd.train.train_steps``)
+   ÷ a bare timm forward + backward + optimizer step on ready-made tensors of the
+   same batch shape, per backbone. Target >= 0.90 (CPU and GPU).
+2. TTA x8 prediction throughput (``hcd.train.predict_logits``) ÷ a bare 8-view
+   forward of ready-made tensors. Target >= 0.90.
+3. Scan throughput ÷ a plain ``tifffile.imread`` loop (``bench_data.py``).
+4. (unless --skip-engines) no-op ``dvc repro`` and no-op ``snakemake --cores all``
+   wall time on a completed demo pipeline (target <= 5 s each), and the stages
+   ``dvc exp run -S lr=...`` reruns (only train -> predict -> ensemble -> metrics).
+5. (--full-size) peak host memory of training on a full-size (220,025-patch)
+   packed array, as a ratio to the array's size. Target <= 1.5 on CPU.
+
+Absolute times are printed for context; on a GPU they are the figures to quote.
+The results go to ``benchmarks/results.json``, a top-level DVC metric, so speed
+regressions show in ``dvc metrics diff`` like accuracy does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from hcd.augment import AugmentConfig  # noqa: E402
+from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads  # noqa: E402
+from hcd.models import build_model  # noqa: E402
+from hcd.params import TrainParams  # noqa: E402
+from hcd.train import make_optimizer, make_schedule, predict_logits, train_steps  # noqa: E402
+
+
+def packed_like(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_train(model: torch.nn.Module, batch: int, size: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` forward+backward+AdamW steps on ready-made tensors."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 2, (batch, 1), device=device).float()
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = autocast_dtype(device)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x).float()
+        loss = F.binary_cross_entropy_with_logits(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def hcd_train(model: torch.nn.Module, name: str, batch: int, crop: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` steps of hcd's own loop on a packed array."""
+    cfg = TrainParams(batch_size=batch, crop=crop, epochs=1)
+    x = packed_like(batch * (steps + 3))
+    src = PackedBatches(x, np.arange(len(x)), (np.arange(len(x)) % 2).astype(np.float32), device=device)
+    prep = Preprocess(crop, None, (0.7, 0.55, 0.7), (0.24, 0.28, 0.22))
+    opt = make_optimizer(model, cfg, 1e-4)
+    sched = make_schedule(opt, cfg, 1e-4, steps + 3)
+    aug = AugmentConfig(**cfg.augment.model_dump())
+    gen_o, gen_a = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    common = dict(model=model, fwd=model, opt=opt, sched=sched, source=src, prep=prep, aug=aug, gen_order=gen_o, gen_aug=gen_a, batch_size=batch, device=device, name=name, epoch=0, progress=False)
+    train_steps(**common, max_steps=3)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    train_steps(**common, max_steps=steps)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def training_ratio(name: str, batch: int, crop: int, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    t_hcd, t_bare = [], []
+    for _ in range(3):  # interleaved: drift hits both alike
+        t_bare.append(bare_train(model, batch, crop, steps, device))
+        t_hcd.append(hcd_train(model, name, batch, crop, steps, device))
+    bare, ours = float(np.median(t_bare)), float(np.median(t_hcd))
+    out = {"ratio": round(bare / ours, 3), "hcd_patches_per_s": round(batch * steps / ours), "bare_patches_per_s": round(batch * steps / bare), "batch": batch, "crop": crop}
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return out
+
+
+def tta_ratio(name: str, batch: int, crop: int, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name).to(device).eval()
+    n = batch * steps
+    src = PackedBatches(packed_like(n, 1), np.arange(n), device=device)
+    prep = Preprocess(crop, None, (0.7, 0.55, 0.7), (0.24, 0.28, 0.22))
+    dtype = autocast_dtype(device)
+    xb = torch.randn(8 * batch, 3, crop, crop, device=device)
+
+    @torch.no_grad()
+    def bare() -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                torch.sigmoid(model(xb).float()).view(8, batch).mean(0).cpu()
+        sync(device)
+        return time.perf_counter() - t
+
+    def ours() -> float:
+        t = time.perf_counter()
+        predict_logits(model, src, prep, device, batch, 8)
+        sync(device)
+        return time.perf_counter() - t
+
+    bare(), ours()
+    t_bare, t_ours = [], []
+    for _ in range(3):
+        t_bare.append(bare())
+        t_ours.append(ours())
+    b, o = float(np.median(t_bare)), float(np.median(t_ours))
+    return {"ratio": round(b / o, 3), "hcd_patches_per_s": round(n / o), "bare_patches_per_s": round(n / b), "views": 8}
+
+
+def engines(work: Path) -> dict:
+    """No-op times of both engines and the stages `dvc exp run -S lr=...` reruns, on a tiny demo."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+    root = work / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+    import yaml
+
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["data"]["demo"].update(n_train=400, n_test=60)
+    p["train"].update(epochs=1, batch_size=32)
+    p["predict"]["tta"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+    def run(*cmd: str) -> tuple[float, str]:
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        return time.perf_counter() - t, proc.stdout + proc.stderr
+
+    run("dvc", "repro")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    run("snakemake", "--cores", "all")
+    t_dvc = min(run("dvc", "repro")[0] for _ in range(3))
+    t_smk = min(run("snakemake", "--cores", "all")[0] for _ in range(3))
+    _, log = run("dvc", "exp", "run", "-S", "lr=0.001")
+    reran = sorted(set(re.findall(r"Running stage '([\w@.-]+)'", log)))
+    return {"noop_dvc_repro_s": round(t_dvc, 2), "noop_snakemake_s": round(t_smk, 2), "exp_run_lr_reran": reran}
+
+
+def full_size_memory(work: Path, steps: int) -> dict:
+    """Peak PSS of a training run (capped at ``steps`` steps) on a 220,025-patch packed array."""
+    import pandas as pd
+    import psutil
+
+    n = 220_025
+    x = np.lib.format.open_memmap(work / "train_x.npy", mode="w+", dtype=np.uint8, shape=(n, 96, 96, 3))
+    pool = packed_like(512, 2)
+    for s in range(0, n, 4096):
+        k = min(4096, n - s)
+        x[s : s + k] = pool[np.arange(s, s + k) % 512]
+    x.flush()
+    del x
+    ids = [f"{i:040x}" for i in range(n)]
+    y = np.arange(n) % 2
+    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "outlier": 0}).to_csv(work / "index.csv", index=False)
+    side = np.where(np.arange(n) % 10 == 0, "val", "train")
+    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(work / "split.csv", index=False)
+    (work / "stats.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
+    (work / "params.yaml").write_text("backbones: [cnn]\ntrain: {epochs: 1, batch_size: 128, patience: 0}\n")
+    cmd = [sys.executable, str(REPO / "workflow/scripts/train.py"), "cnn", "--packed", "train_x.npy", "--index", "index.csv", "--split", "split.csv", "--stats", "stats.json", "--out-dir", "m", "--live-dir", "live"]
+    env = {**os.environ, "HCD_MAX_STEPS": str(steps), "HCD_MAX_VAL": "2048"}
+    proc = psutil.Popen(cmd, cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(q.memory_full_info().pss for q in [proc, *proc.children(recursive=True)]))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    if proc.returncode:
+        raise SystemExit(proc.stderr.read()[-2000:])
+    size = (work / "train_x.npy").stat().st_size
+    return {"patches": n, "packed_gb": round(size / 1e9, 2), "peak_pss_gb": round(peak / 1e9, 2), "ratio_to_packed": round(peak / size, 3), "steps": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbones", nargs="+", default=["cnn", "resnet18"])
+    ap.add_argument("--batch", type=int, default=None, help="default: 64 on CPU, 256 on a GPU")
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=None, help="default: 10 on CPU, 50 on a GPU")
+    ap.add_argument("--full-size", action="store_true")
+    ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results.json"))
+    args = ap.parse_args()
+    set_threads()
+    device = pick_device()
+    gpu = device.type == "cuda"
+    batch = args.batch or (256 if gpu else 64)
+    steps = args.steps or (50 if gpu else 10)
+    res: dict = {"device": device.type, "train": {}, "tta8": {}}
+    print(f"device {device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}), batch {batch}, crop {args.crop}, {steps} steps")
+    for name in args.backbones:
+        r = res["train"][name] = training_ratio(name, batch, args.crop, steps, device)
+        print(f"train {name}: hcd loop / bare step = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
+        r = res["tta8"][name] = tta_ratio(name, batch, args.crop, max(2, steps // 2), device)
+        print(f"tta8 {name}: hcd predict / bare 8-view forward = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not args.skip_scan:
+            from bench_data import scaled_archive, throughput
+            from hcd.params import DemoParams
+            from hcd.synth import write_archive
+
+            src = Path(os.environ["HCD_REAL_ZIP"]) if os.environ.get("HCD_REAL_ZIP") else work / "demo.zip"
+            if not src.exists():
+                write_archive(src, DemoParams(n_train=1600, n_test=400, plant_defects=False))
+            scaled_archive(src, work / "scaled.zip", 20000)
+            shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+            with tempfile.TemporaryDirectory(dir=shm) as out_root:
+                r = res["scan"] = throughput(work / "scaled.zip", 3, work / "tp", Path(out_root))
+            print(f"scan: / imread loop = {r['ratio_1_worker']} (1 worker), {r['ratio_2_workers']} (2 workers)")
+        if not args.skip_engines:
+            r = res["engines"] = engines(work)
+            print(f"no-op dvc repro {r['noop_dvc_repro_s']} s, no-op snakemake {r['noop_snakemake_s']} s (target <= 5 s); dvc exp run -S lr reran {r['exp_run_lr_reran']}")
+        if args.full_size:
+            r = res["train_memory"] = full_size_memory(work, steps=20)
+            print(f"training on {r['patches']} patches ({r['packed_gb']} GB packed): peak memory {r['peak_pss_gb']} GB = {r['ratio_to_packed']} x the array (target <= 1.5)")
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
