@@ -60,18 +60,19 @@ class PackedBatches:
         nbytes = len(self.rows) * int(np.prod(x.shape[1:]))
         self.mode = mode or self._choose(nbytes)
         self.x = x
-        if self.mode in ("host", "device"):
+        if self.mode == "host":
             order = np.argsort(self.rows, kind="stable")
-            data = np.empty((len(self.rows), *x.shape[1:]), np.uint8)
-            for s in range(0, len(order), 4096):  # sorted chunks: sequential reads, bounded extra memory
+            self.data = np.empty((len(self.rows), *x.shape[1:]), np.uint8)
+            for s in range(0, len(order), 4096):  # sorted chunks: sequential reads
                 sel = order[s : s + 4096]
-                data[sel] = x[self.rows[sel]]
-            if self.mode == "device":
-                self.gpu = torch.from_numpy(data).to(self.device)  # once; the host copy is dropped
-                self.gpu_labels = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
-                del data
-            else:
-                self.data = data
+                self.data[sel] = x[self.rows[sel]]
+        elif self.mode == "device":
+            # straight to the GPU in chunks: the host never holds more than one chunk
+            self.gpu = torch.empty((len(self.rows), *x.shape[1:]), dtype=torch.uint8, device=self.device)
+            for s in range(0, len(self.rows), 8192):
+                chunk = torch.from_numpy(np.ascontiguousarray(x[self.rows[s : s + 8192]]))
+                self.gpu[s : s + len(chunk)] = chunk.to(self.device)
+            self.gpu_labels = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
 
     def _choose(self, nbytes: int) -> str:
         if self.device.type == "cuda":
