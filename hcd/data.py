@@ -10,6 +10,7 @@ tensor ops on the whole batch, on the model's device.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ from hcd.augment import AugmentConfig, augment_batch, crop_batch
 
 IN_MEMORY_LIMIT = int(os.environ.get("HCD_IN_MEMORY_BYTES", 4 * 2**30))  # load the rows if smaller
 GPU_FRACTION = float(os.environ.get("HCD_GPU_DATA_FRACTION", 0.5))  # of free GPU memory, for resident data
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation constants on the device, made once (not a host-to-device copy per batch)."""
+    return torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,7 @@ class Preprocess:
             x = crop_batch(x, self.crop)
         if self.upscale and self.upscale != self.crop:
             x = F.interpolate(x, size=(self.upscale, self.upscale), mode="bilinear", align_corners=False, antialias=False)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        mean, std = _norm_tensors(self.mean, self.std, str(device))
         x = (x - mean) / std
         # the crop gather leaves NHWC strides: hand the model the layout it was set up for
         return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
