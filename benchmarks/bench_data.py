@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -130,29 +129,37 @@ def full_size_archive(path: Path, n_train: int = KAGGLE_TRAIN, n_test: int = KAG
             zf.writestr(f"{'train' if k < n_train else 'test'}/{pid}.tif", bytes(data))
 
 
+def run_measuring_memory(cmd: list[str], cwd: Path, env: dict | None = None) -> dict:
+    """Run ``cmd``, sampling every 50 ms the PSS summed over it and its children (shared pages
+    counted once) and the RSS of the main process; stderr goes to a file, so it can never stall."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = psutil.Popen(cmd, cwd=cwd, env=env, stderr=err, text=True)
+        peak_pss = peak_rss = 0
+        t0 = time.perf_counter()
+        while proc.poll() is None:
+            try:
+                pss = 0
+                for q in [proc, *proc.children(recursive=True)]:
+                    try:
+                        pss += q.memory_full_info().pss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+                peak_pss = max(peak_pss, pss)
+                peak_rss = max(peak_rss, proc.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd[:3])} failed: {err.read()[-2000:]}")
+    return {"seconds": seconds, "peak_pss": peak_pss, "peak_rss_main": peak_rss}
+
+
 def peak_memory(archive: Path, work: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "hcd", "scan", str(archive), "--report", str(work / "report.csv"), "--summary", str(work / "scan.json"), "--packed-dir", str(work / "packed"), "--workers", str(workers)]
-    proc = psutil.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
-    peak_pss = peak_rss_parent = 0
-    t0 = time.perf_counter()
-    while proc.poll() is None:
-        try:
-            procs = [proc, *proc.children(recursive=True)]
-            pss = 0
-            for q in procs:
-                try:
-                    pss += q.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            peak_pss = max(peak_pss, pss)
-            peak_rss_parent = max(peak_rss_parent, proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    err = proc.stderr.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"scan failed: {err}")
-    elapsed = time.perf_counter() - t0
+    run = run_measuring_memory(cmd, Path(__file__).resolve().parents[1])
+    peak_pss, peak_rss_parent, elapsed = run["peak_pss"], run["peak_rss_main"], run["seconds"]
     packed = sum((work / "packed" / f).stat().st_size for f in ("train_x.npy", "test_x.npy"))
     return {
         "patches": KAGGLE_TRAIN + KAGGLE_TEST,

@@ -188,7 +188,6 @@ def engines(work: Path) -> dict:
 def full_size_memory(work: Path, steps: int) -> dict:
     """Peak PSS of a training run (capped at ``steps`` steps) on a 220,025-patch packed array."""
     import pandas as pd
-    import psutil
 
     n = 220_025
     x = np.lib.format.open_memmap(work / "train_x.npy", mode="w+", dtype=np.uint8, shape=(n, 96, 96, 3))
@@ -206,17 +205,9 @@ def full_size_memory(work: Path, steps: int) -> dict:
     (work / "stats.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
     (work / "params.yaml").write_text("backbones: [cnn]\ntrain: {epochs: 1, batch_size: 128, patience: 0}\n")
     cmd = [sys.executable, str(REPO / "workflow/scripts/train.py"), "cnn", "--packed", "train_x.npy", "--index", "index.csv", "--split", "split.csv", "--stats", "stats.json", "--out-dir", "m", "--live-dir", "live"]
-    env = {**os.environ, "HCD_MAX_STEPS": str(steps), "HCD_MAX_VAL": "2048"}
-    proc = psutil.Popen(cmd, cwd=work, env=env, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, sum(q.memory_full_info().pss for q in [proc, *proc.children(recursive=True)]))
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    if proc.returncode:
-        raise SystemExit(proc.stderr.read()[-2000:])
+    from bench_data import run_measuring_memory
+
+    peak = run_measuring_memory(cmd, work, {**os.environ, "HCD_MAX_STEPS": str(steps)})["peak_pss"]
     size = (work / "train_x.npy").stat().st_size
     return {"patches": n, "packed_gb": round(size / 1e9, 2), "peak_pss_gb": round(peak / 1e9, 2), "ratio_to_packed": round(peak / size, 3), "steps": steps}
 
