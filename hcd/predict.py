@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score
 
 from hcd.data import PackedBatches, Preprocess, pick_device, set_threads
@@ -21,7 +22,7 @@ from hcd.errors import HcdError
 from hcd.io import clean_stale_temps, write_csv
 from hcd.packed import open_packed
 from hcd.params import load_params
-from hcd.train import load_model, predict_logits, seed_everything
+from hcd.train import load_model, oom_message, predict_logits, seed_everything
 
 
 def predict(model_dir: Path, packed: Path, index: Path, split: Path, test_packed: Path, test_index: Path, out_dir: Path, tta: int, batch_size: int, log=print) -> dict:
@@ -30,8 +31,6 @@ def predict(model_dir: Path, packed: Path, index: Path, split: Path, test_packed
     device = pick_device()
     model, meta = load_model(model_dir, device)
     if device.type == "cuda":
-        import torch
-
         model = model.to(memory_format=torch.channels_last)
     prep = Preprocess(meta["crop"], meta["upscale"], tuple(meta["mean"]), tuple(meta["std"]))
     idx = pd.read_csv(index, dtype={"id": str})
@@ -40,9 +39,12 @@ def predict(model_dir: Path, packed: Path, index: Path, split: Path, test_packed
         raise HcdError(f"{split}: does not match {index} (rerun split)")
     val = (sides["side"] == "val").to_numpy()
     t0 = time.perf_counter()
-    p_val = predict_logits(model, PackedBatches(open_packed(packed), idx["row"].to_numpy()[val], device=device), prep, device, batch_size, tta)
     test_idx = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)
-    p_test = predict_logits(model, PackedBatches(open_packed(test_packed), test_idx["row"].to_numpy(), device=device), prep, device, batch_size, tta)
+    try:
+        p_val = predict_logits(model, PackedBatches(open_packed(packed), idx["row"].to_numpy()[val], device=device), prep, device, batch_size, tta)
+        p_test = predict_logits(model, PackedBatches(open_packed(test_packed), test_idx["row"].to_numpy(), device=device), prep, device, batch_size, tta)
+    except torch.OutOfMemoryError:  # a batch holds batch_size x tta views
+        raise HcdError(oom_message(f"predict {meta['backbone']}", device, batch_size, "predict.batch_size", f" (a batch holds {tta} TTA views of each patch)")) from None
     seconds = time.perf_counter() - t0
     y = idx["label"].to_numpy()[val]
     write_csv(out_dir / "val.csv", pd.DataFrame({"id": idx["id"].to_numpy()[val], "label": y, "prob": p_val}))

@@ -12,8 +12,13 @@ generators: two runs with the same params give bit-identical weights.
 
 Writes ``models/<backbone>/model.safetensors`` (weights only: loading runs no
 code) and ``model.json`` (architecture, preprocessing, best epoch, history).
-A NaN/inf loss stops training with the epoch, step and learning rate; nothing
-is written.
+
+After every epoch but the last, ``models/<backbone>/checkpoint.pt`` holds the
+full training state (:mod:`hcd.checkpoint`); a killed run restarted with the
+same params, data and code resumes there and ends bit-identical (CPU) to an
+uninterrupted one. A NaN/inf loss stops training with the epoch, step and
+learning rate and keeps the last good checkpoint; CUDA out-of-memory names the
+batch size and a smaller one to try. The model files are written only at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from hcd import checkpoint
 from hcd.augment import AugmentConfig
 from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads
 from hcd.errors import HcdError
@@ -39,7 +45,6 @@ from hcd.io import atomic_path, clean_stale_temps, read_json
 from hcd.models import build_model, classifier_params
 from hcd.packed import open_packed
 from hcd.params import Params, TrainParams, load_params
-
 
 MAX_STEPS = int(os.environ["HCD_MAX_STEPS"]) if os.environ.get("HCD_MAX_STEPS") else None  # benchmarks and smoke runs
 
@@ -93,7 +98,7 @@ def train_steps(
         if device.type == "cpu" or step % 50 == 0:  # on a GPU, check without a sync every step
             if not torch.isfinite(loss):
                 cur = opt.param_groups[0]["lr"]
-                raise HcdError(f"train {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {cur:.3g} — lower lr or check the data; no checkpoint written")
+                raise HcdError(f"train {name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {cur:.3g} — lower lr or check the data; model not written")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -105,7 +110,7 @@ def train_steps(
     bar.close()
     total = float(losses)
     if not math.isfinite(total):
-        raise HcdError(f"train {name}: loss became non-finite during epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; no checkpoint written")
+        raise HcdError(f"train {name}: loss became non-finite during epoch {epoch + 1} (lr {opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
     return total, seen
 
 
@@ -129,8 +134,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams, lr: float) -> torch
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainParams, lr: float, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25, div_factor=25.0, final_div_factor=1e3)
+    if cfg.schedule == "onecycle" and total >= 4:  # each phase needs two steps or more (torch divides by its length)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.25, 2 / total), div_factor=25.0, final_div_factor=1e3)
     if cfg.schedule == "cosine":
         warm = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -208,26 +213,46 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
 
     from dvclive import Live
 
+    ckpt_path = out_dir / checkpoint.NAME
+    settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": device.type, "max_steps": MAX_STEPS}
+    key = checkpoint.run_key(settings, packed, [index, split, stats])
     best = {"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}
-    history = []
-    bad_epochs = 0
+    history: list[dict] = []
+    bad_epochs, start, stopped = 0, 0, False
+    resumed = checkpoint.load(ckpt_path, key, log)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        checkpoint.set_rng_state(resumed["rng"], gen_order, gen_aug)
+        best, history, bad_epochs, start, stopped = resumed["best"], resumed["history"], resumed["bad_epochs"], resumed["epoch"], resumed["stopped"]
+        log(f"train {backbone}: resuming after epoch {start} from {ckpt_path}")
     log(f"train {backbone}: {len(train_src)} train / {len(val_src)} val patches, {device.type}, {threads} threads, lr {lr:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
     t_start = time.perf_counter()
     with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for epoch in range(cfg.epochs):
+        for rec in history:  # a resumed run rewrites the curves of the epochs before the kill
+            _log_epoch(live, rec)
+        for epoch in range(start, cfg.epochs):
+            if stopped:
+                break
             frozen = epoch < cfg.freeze_epochs and bool(head)
             for p in model.parameters():
                 p.requires_grad_(not frozen or id(p) in head)
-            total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
-            p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
+            try:
+                total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
+                p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
+            except torch.OutOfMemoryError:
+                raise HcdError(oom_message(f"train {backbone}", device, cfg.batch_size, f"models.{backbone}.batch_size (or train.batch_size)")) from None
+            except HcdError as err:
+                if ckpt_path.exists():
+                    raise HcdError(f"{err}; the last good checkpoint (epoch {epoch}) is kept: {ckpt_path}") from None
+                raise
             val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(y_val).double()))
             auc = _auc(y_val, p_val)
             rec = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss, "val_auc": auc, "lr": opt.param_groups[0]["lr"]}
             history.append(rec)
-            live.log_metric("train/loss", rec["train_loss"])
-            live.log_metric("val/loss", val_loss)
-            live.log_metric("val/auc", auc)
-            live.next_step()
+            _log_epoch(live, rec)
             log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {auc:.4f}")
             # best epoch by validation AUC; by validation loss when the validation side holds one class
             score = auc if math.isfinite(auc) else -val_loss
@@ -238,7 +263,11 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
                 bad_epochs += 1
                 if cfg.patience and bad_epochs >= cfg.patience:
                     log(f"train {backbone}: no better validation AUC for {cfg.patience} epochs; stopping")
-                    break
+                    stopped = True
+            if epoch + 1 < cfg.epochs and not stopped:  # after the last epoch, model.safetensors is written instead
+                state = {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
+                state |= {"rng": checkpoint.rng_state(gen_order, gen_aug), "best": best, "history": history, "bad_epochs": bad_epochs, "stopped": stopped}
+                checkpoint.save(ckpt_path, state)
         live.summary["best/val_auc"] = best["auc"]
         live.summary["best/epoch"] = best["epoch"]
     log(f"train {backbone}: best val AUC {best['auc']:.4f} at epoch {best['epoch']}; {time.perf_counter() - t_start:.0f} s")
@@ -258,7 +287,24 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
         "history": history,
     }
     save_model(out_dir, best["state"], meta)
+    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
     return meta
+
+
+def _log_epoch(live, rec: dict) -> None:
+    live.log_metric("train/loss", rec["train_loss"])
+    live.log_metric("val/loss", rec["val_loss"])
+    live.log_metric("val/auc", rec["val_auc"])
+    live.next_step()
+
+
+def oom_message(what: str, device: torch.device, batch_size: int, key: str, note: str = "") -> str:
+    """One line for an out-of-memory error: the batch size that failed and a smaller one to try."""
+    where = str(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        where += f" ({total / 2**30:.0f} GiB, {free / 2**30:.1f} GiB free now)"
+    return f"{what}: out of GPU memory on {where} at batch size {batch_size}; set {key} to {max(1, batch_size // 2)} or lower{note}"
 
 
 def save_model(out_dir: Path, state: dict[str, torch.Tensor], meta: dict) -> None:

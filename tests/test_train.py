@@ -1,4 +1,4 @@
-"""Training: bit-identical on the CPU, stops cleanly on a NaN loss, params checked first."""
+"""Training: bit-identical on the CPU, resumable from per-epoch checkpoints, stops cleanly on NaN or OOM, params checked first."""
 
 from __future__ import annotations
 
@@ -35,8 +35,31 @@ def params(**train) -> Params:
     return Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 2, "batch_size": 16, "crop": 48, "patience": 0, **train}})
 
 
-def run(root, out, p=None, **kw):
-    return train("cnn", p or params(), root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", out, out / "live", log=lambda m: None)
+def run(root, out, p=None, log=lambda m: None):
+    return train("cnn", p or params(), root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", out, out / "live", log=log)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing after it runs (tests/test_faults.py sends the real signal)."""
+
+
+def kill_during_epoch(monkeypatch, at_epoch: int) -> None:
+    """Run ``at_epoch`` (0-based) for one step — weights and generators move — then die."""
+    import hcd.train
+
+    real = hcd.train.train_steps
+
+    def dying(*args, **kw):
+        if args[12] == at_epoch:  # train_steps(model, fwd, opt, sched, source, prep, aug, gen_order, gen_aug, batch_size, device, name, epoch, ...)
+            real(*args, **{**kw, "max_steps": 1})
+            raise Killed
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hcd.train, "train_steps", dying)
+
+
+def files(root) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 def test_two_cpu_runs_give_bit_identical_weights(tiny_data, tmp_path):
@@ -95,3 +118,128 @@ def test_params_errors_name_the_key_before_any_work(tmp_path, raw, words):
     with pytest.raises(HcdError) as info:
         load_params(f)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_killed_run_resumes_from_its_last_epoch_and_ends_bit_identical(tiny_data, tmp_path, monkeypatch):
+    p = params(epochs=4)
+    run(tiny_data, tmp_path / "whole", p)
+    kill_during_epoch(monkeypatch, at_epoch=2)
+    with pytest.raises(Killed):
+        run(tiny_data, tmp_path / "resumed", p)
+    ckpt = tmp_path / "resumed/checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "resumed/model.safetensors").exists()
+    monkeypatch.undo()
+    lines = []
+    run(tiny_data, tmp_path / "resumed", p, log=lines.append)
+    assert any("resuming after epoch 2" in m for m in lines)
+    assert sum("epoch " in m and "train loss" in m for m in lines) == 2  # only epochs 3 and 4 ran again
+    assert not ckpt.exists(), "a finished run removes its checkpoint"
+    assert files(tmp_path / "resumed") == files(tmp_path / "whole")  # weights, model.json and the dvclive curves
+
+
+def test_changed_params_never_resume_a_stale_checkpoint(tiny_data, tmp_path, monkeypatch):
+    kill_during_epoch(monkeypatch, at_epoch=1)
+    with pytest.raises(Killed):
+        run(tiny_data, tmp_path / "b", params(epochs=3))
+    monkeypatch.undo()
+    other = Params.model_validate({**params(epochs=3).model_dump(), "lr": 0.0005})
+    lines = []
+    run(tiny_data, tmp_path / "b", other, log=lines.append)
+    assert any("made with other params, data or code; not resumed" in m for m in lines)
+    assert (tmp_path / "b/checkpoint.pt.stale").exists()
+    run(tiny_data, tmp_path / "fresh", other)
+    assert (tmp_path / "b/model.safetensors").read_bytes() == (tmp_path / "fresh/model.safetensors").read_bytes()
+
+
+def test_changed_data_never_resumes(tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    kill_during_epoch(monkeypatch, at_epoch=1)
+    with pytest.raises(Killed):
+        run(data, tmp_path / "b", params(epochs=3))
+    monkeypatch.undo()
+    (data / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.3, 0.3, 0.3]}))
+    lines = []
+    run(data, tmp_path / "b", params(epochs=3), log=lines.append)
+    assert not any("resuming" in m for m in lines) and any("not resumed" in m for m in lines)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "hostile pickle", "not a checkpoint"])
+def test_damaged_or_hostile_checkpoint_is_set_aside_and_never_runs_code(tiny_data, tmp_path, monkeypatch, damage):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = params(epochs=3)
+    kill_during_epoch(monkeypatch, at_epoch=1)
+    with pytest.raises(Killed):
+        run(tiny_data, tmp_path / "b", p)
+    monkeypatch.undo()
+    ckpt = tmp_path / "b/checkpoint.pt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "hostile pickle":
+        torch.save({"format": 1, "key": "x", "payload": Evil()}, ckpt)
+    else:
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    lines = []
+    run(tiny_data, tmp_path / "b", p, log=lines.append)
+    assert not marker.exists(), "loading a checkpoint must never run code from it"
+    assert any("not resumed" in m for m in lines) and not any("resuming" in m for m in lines)
+    run(tiny_data, tmp_path / "fresh", p)
+    assert (tmp_path / "b/model.safetensors").read_bytes() == (tmp_path / "fresh/model.safetensors").read_bytes()
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import hcd.train
+
+    real = hcd.train.train_steps
+
+    def poison_at_second_epoch(model, *args, **kw):
+        if args[11] == 1:  # epoch, after model
+            with torch.no_grad():
+                model.head[-1].bias.fill_(float("inf"))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(hcd.train, "train_steps", poison_at_second_epoch)
+    with pytest.raises(HcdError) as info:
+        run(tiny_data, tmp_path / "b", params(epochs=3))
+    msg = str(info.value)
+    assert "at epoch 2, step 1, lr" in msg and "last good checkpoint (epoch 1) is kept" in msg and "\n" not in msg
+    assert torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "b/model.safetensors").exists()
+
+
+def test_out_of_memory_names_the_batch_size_and_a_smaller_one(tiny_data, tmp_path, monkeypatch):
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("hcd.train.train_steps", oom)
+    with pytest.raises(HcdError) as info:
+        run(tiny_data, tmp_path / "b", params(batch_size=16))
+    msg = str(info.value)
+    assert "out of GPU memory" in msg and "at batch size 16" in msg and "models.cnn.batch_size" in msg and "to 8 or lower" in msg
+
+
+def test_predict_out_of_memory_names_the_batch_size(tiny_data, tmp_path, monkeypatch):
+    from hcd.predict import predict
+
+    run(tiny_data, tmp_path / "m", params(epochs=1))
+
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("hcd.predict.predict_logits", oom)
+    with pytest.raises(HcdError) as info:
+        predict(tmp_path / "m", tiny_data / "x.npy", tiny_data / "index.csv", tiny_data / "split.csv", tiny_data / "x.npy", tiny_data / "index.csv", tmp_path / "p", tta=8, batch_size=512, log=lambda m: None)
+    msg = str(info.value)
+    assert "predict cnn: out of GPU memory" in msg and "batch size 512" in msg and "predict.batch_size to 256 or lower" in msg
+    assert not (tmp_path / "p").exists()
