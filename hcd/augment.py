@@ -58,8 +58,8 @@ def crop_batch(x: torch.Tensor, crop: int, shift: torch.Tensor | None = None) ->
     oy = (top + shift[:, 0]).clamp(0, h - crop)
     ox = (top + shift[:, 1]).clamp(0, w - crop)
     ar = torch.arange(crop, device=x.device)
-    rows = (oy[:, None] + ar[None, :])  # (B, crop)
-    cols = (ox[:, None] + ar[None, :])
+    rows = oy[:, None] + ar[None, :]  # (B, crop)
+    cols = ox[:, None] + ar[None, :]
     bidx = torch.arange(b, device=x.device)[:, None, None]
     # gather (B, crop, crop, C) then back to channels-first
     out = x.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]

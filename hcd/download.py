@@ -74,21 +74,13 @@ def from_dir(path: str, dest: Path) -> None:
 def _has_kaggle_credentials() -> bool:
     cfg = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
     env = os.environ
-    return bool(
-        env.get("KAGGLE_API_TOKEN")
-        or (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"))
-        or (cfg / "kaggle.json").is_file()
-        or (cfg / "access_token").is_file()
-    )
+    return bool(env.get("KAGGLE_API_TOKEN") or (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")) or (cfg / "kaggle.json").is_file() or (cfg / "access_token").is_file())
 
 
 def from_kaggle(competition: str, dest: Path) -> None:
     """Download the competition archive with the official client."""
     if not _has_kaggle_credentials():
-        raise HcdError(
-            "kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as "
-            "~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN"
-        )
+        raise HcdError("kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN")
     quiet = io.StringIO()
     try:  # the client prints help and calls exit() when authentication fails: keep it quiet
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):

@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from hcd.errors import HcdError
-from hcd.io import clean_stale_temps, write_csv, write_json
+from hcd.io import Commit, clean_stale_temps
 from hcd.params import load_params
 
 
@@ -35,6 +35,7 @@ def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, s
     if method == "mean":
         return val.mean(1), test.mean(1), None
     if method == "rank":
+
         def ranks(a: np.ndarray) -> np.ndarray:
             return np.mean([(rankdata(a[:, j]) - 1) / max(1, len(a) - 1) for j in range(a.shape[1])], axis=0)
 
@@ -89,10 +90,11 @@ def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str
     expected = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)["id"].tolist()
     sub = pd.DataFrame({"id": tests[0]["id"], "label": np.clip(ct, 0.0, 1.0)})
     validate_submission(sub, expected, str(submission))
-    write_csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, "prob": cv}))
-    write_csv(submission, sub)
     info = {"method": method, "backbones": backbones, "weights": weights}
-    write_json(out_dir / "ensemble.json", info)
+    with Commit() as commit:
+        commit.csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, "prob": cv}))
+        commit.csv(submission, sub)
+        commit.json(out_dir / "ensemble.json", info)
     log(f"ensemble: {method} of {', '.join(backbones)} -> {submission} ({len(sub)} rows)")
     return info
 

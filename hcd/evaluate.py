@@ -21,7 +21,7 @@ import pandas as pd
 from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
 from hcd.errors import HcdError
-from hcd.io import clean_stale_temps, write_json
+from hcd.io import Commit, clean_stale_temps, write_json
 from hcd.params import load_params
 
 MAX_CURVE_POINTS = 400  # plots stay small enough for git
@@ -80,6 +80,7 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
     sources = {b: pred_dir / b / "val.csv" for b in backbones}
     sources["ensemble"] = ensemble_val
     out: dict = {}
+    curves: dict[str, dict] = {}
     for name, path in sources.items():
         try:
             frame = pd.read_csv(path, dtype={"id": str})
@@ -89,16 +90,21 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
         out[name] = score(y, p, n_boot, seed)
         fpr, tpr, _ = roc_curve(y, p)
         prec, rec, _ = precision_recall_curve(y, p)
-        write_json(plots_dir / "roc" / f"{name}.json", {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")})
-        write_json(plots_dir / "prc" / f"{name}.json", {"prc": _thin(pd.DataFrame({"recall": rec, "precision": prec})).to_dict("records")})
+        curves[f"roc/{name}.json"] = {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")}
+        curves[f"prc/{name}.json"] = {"prc": _thin(pd.DataFrame({"recall": rec, "precision": prec})).to_dict("records")}
         if name == "ensemble":
             pred = (p >= 0.5).astype(int)
-            write_json(plots_dir / "confusion.json", {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]})
+            curves["confusion.json"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}
         m = out[name]
         log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
     best = max(backbones, key=lambda b: out[b]["auc"])
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
-    write_json(metrics_out, out)
+    with Commit() as commit:  # the plots folder is rebuilt whole: no curve of a removed backbone lingers
+        folder = commit.dir(plots_dir)
+        for rel, obj in curves.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_json(folder / rel, obj)
+        commit.json(metrics_out, out)
     return out
 
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    clean_stale_temps(args.out)
+    clean_stale_temps(args.out, args.plots)
     evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
 
 

@@ -2,8 +2,11 @@
 
 Every file a stage produces is written to a temporary name in the same folder
 and renamed into place only when complete, so a killed stage never leaves a file
-that DVC or Snakemake would take as finished. The temporary names start with
-``.`` and carry ``.tmp-``; :func:`clean_stale_temps` removes ones left by a kill.
+that DVC or Snakemake would take as finished. Output folders (plots, dvclive
+curves) are built the same way in a temporary folder and swapped in whole
+(:func:`atomic_dir`), so a failed run leaves the previous folder as it was. The
+temporary names start with ``.`` and carry ``.tmp-``; :func:`clean_stale_temps`
+removes ones left by a kill.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = _temp_name(dest)
     try:
         yield tmp
         if not tmp.exists():
@@ -62,22 +66,108 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def _temp_name(dest: Path, tag: str = "") -> Path:
+    return dest.with_name(f".{dest.name}{TMP_MARK}{tag}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; swap it in for ``dest`` on success.
+
+    Files left in ``dest`` by an earlier run (a removed backbone's plot) do not
+    survive the swap. On any exception the temporary folder is removed and
+    ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(dest)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        old = _temp_name(dest, "old-")
+        if dest.exists():
+            os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old.exists():
+                os.replace(old, dest)
+            raise
+        _fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HcdError(f"{dest}: could not write ({exc.strerror or exc}); previous folder left as it was") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def clean_stale_temps(*dests: str | os.PathLike[str]) -> None:
-    """Remove temporaries a killed earlier run left beside these outputs."""
+    """Remove temporaries (files or folders) a killed earlier run left beside these outputs."""
     for dest in map(Path, dests):
         if dest.parent.is_dir():
             for stale in dest.parent.glob(f".{dest.name}{TMP_MARK}*"):
-                stale.unlink(missing_ok=True)
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+
+
+class Commit:
+    """A stage's outputs, renamed into place together once every one is written.
+
+    ``with Commit() as c: tmp = c.path(out_a); ...; c.json(out_b, obj)`` — each
+    output goes to its temporary name; only when the block ends without an
+    error are they all renamed onto their destinations (renames need no disk
+    space). A failure anywhere — disk full, a bad value, a kill — leaves every
+    previous output as it was, not a mix of old and new.
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Commit:
+        self._stack.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def path(self, dest: str | os.PathLike[str]) -> Path:
+        return self._stack.enter_context(atomic_path(dest))
+
+    def dir(self, dest: str | os.PathLike[str]) -> Path:
+        return self._stack.enter_context(atomic_dir(dest))
+
+    def json(self, dest: str | os.PathLike[str], obj: Any) -> None:
+        _write_json(self.path(dest), obj)
+
+    def csv(self, dest: str | os.PathLike[str], frame: pd.DataFrame) -> None:
+        _write_csv(self.path(dest), frame)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as fh:
+        fh.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    frame.to_csv(path, index=False, lineterminator="\n")
 
 
 def write_json(dest: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        _write_json(tmp, obj)
 
 
 def write_csv(dest: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     with atomic_path(dest) as tmp:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
+        _write_csv(tmp, frame)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from hcd.data import PackedBatches, Preprocess, pick_device, set_threads
 from hcd.errors import HcdError
-from hcd.io import clean_stale_temps, write_csv
+from hcd.io import Commit, clean_stale_temps
 from hcd.packed import open_packed
 from hcd.params import load_params
 from hcd.train import load_model, oom_message, predict_logits, seed_everything
@@ -47,8 +47,9 @@ def predict(model_dir: Path, packed: Path, index: Path, split: Path, test_packed
         raise HcdError(oom_message(f"predict {meta['backbone']}", device, batch_size, "predict.batch_size", f" (a batch holds {tta} TTA views of each patch)")) from None
     seconds = time.perf_counter() - t0
     y = idx["label"].to_numpy()[val]
-    write_csv(out_dir / "val.csv", pd.DataFrame({"id": idx["id"].to_numpy()[val], "label": y, "prob": p_val}))
-    write_csv(out_dir / "test.csv", pd.DataFrame({"id": test_idx["id"], "prob": p_test}))
+    with Commit() as commit:
+        commit.csv(out_dir / "val.csv", pd.DataFrame({"id": idx["id"].to_numpy()[val], "label": y, "prob": p_val}))
+        commit.csv(out_dir / "test.csv", pd.DataFrame({"id": test_idx["id"], "prob": p_test}))
     auc = float(roc_auc_score(y, p_val)) if len(set(y)) == 2 else float("nan")
     n = (len(p_val) + len(p_test)) * tta
     log(f"predict {meta['backbone']}: val AUC {auc:.4f} with TTA x{tta}; {n} views in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} views/s)")

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from hcd.errors import HcdError
-from hcd.io import atomic_path, clean_stale_temps, write_csv, write_json
+from hcd.io import Commit, clean_stale_temps
 from hcd.packed import PackWriter, read_row
 from hcd.params import ScanParams, load_params
 from hcd.source import ID_RE, DirSource, Ref, ZipSource, open_source
@@ -244,56 +244,57 @@ def scan(archive: str | os.PathLike[str], out: ScanOutputs, params: ScanParams, 
         flags.add("train", pid, "unlabelled", "train/<id>.tif without a train_labels.csv row", True)
 
     out.train_x.parent.mkdir(parents=True, exist_ok=True)
-    train_summary, train_prints = _pack_train(source, listing.train, train, out, params, flags, workers, log)
+    with Commit() as commit:  # every output renamed into place together, after all are written
+        train_x = commit.path(out.train_x)
+        train_summary, train_prints = _pack_train(source, listing.train, train, out, train_x, commit, params, flags, workers, log)
 
-    # ---- test: every sample_submission id, in its order
-    test = _table_checks(sub_tab.assign(label="0"), "test", flags, check_label=False)
-    test_summary = _pack_test(source, listing.test, test, out, params, flags, train_prints, workers, log)
-    source.close()
+        # ---- test: every sample_submission id, in its order
+        test = _table_checks(sub_tab.assign(label="0"), "test", flags, check_label=False)
+        test_summary = _pack_test(source, listing.test, test, out, train_x, commit, params, flags, train_prints, workers, log)
+        source.close()
 
-    report = flags.frame()
-    write_csv(out.report, report)
-    summary = {
-        "train": train_summary,
-        "test": test_summary,
-        "flagged": {f"{s}_{r}": int(n) for (s, r), n in sorted(Counter(zip(report["split"], report["reason"])).items())},
-    }
-    write_json(out.summary, summary)
+        report = flags.frame()
+        commit.csv(out.report, report)
+        summary = {
+            "train": train_summary,
+            "test": test_summary,
+            "flagged": {f"{s}_{r}": int(n) for (s, r), n in sorted(Counter(zip(report["split"], report["reason"])).items())},
+        }
+        commit.json(out.summary, summary)
     log(f"scan: {train_summary['packed']} train and {test_summary['packed']} test patches packed, {len(report)} flagged ids, {time.perf_counter() - t0:.1f} s")
     return summary
 
 
-def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, workers: int, log) -> tuple[dict, dict[int, int]]:
+def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanOutputs, tmp: Path, commit: Commit, params: ScanParams, flags: _Flags, workers: int, log) -> tuple[dict, dict[int, int]]:
     n = len(train)
-    with atomic_path(out.train_x) as tmp:
-        writer = PackWriter(tmp, n)
-        results = _decode_all(source, list(enumerate(members[i] for i in train["id"])), tmp, workers)
-        keep = np.ones(n, dtype=bool)
-        outlier = np.zeros(n, dtype=bool)
-        ids, labels = train["id"].to_numpy(), train["label"].to_numpy()
-        by_hash: dict[int, list[int]] = {}
-        for slot, reason, detail, digest, lo, hi in results:
-            if reason:
-                flags.add("train", ids[slot], reason, detail, True)
-                keep[slot] = False
-                continue
-            by_hash.setdefault(digest, []).append(slot)
-            kind = "dark" if hi <= params.dark_max else "bright" if lo >= params.bright_min else ""
-            if kind:
-                outlier[slot] = True
-                what = f"max pixel {hi} <= {params.dark_max}" if kind == "dark" else f"min pixel {lo} >= {params.bright_min}"
-                flags.add("train", ids[slot], kind, what, params.drop_outliers)
-                keep[slot] &= not params.drop_outliers
-        for candidates in by_hash.values():
-            if len(candidates) < 2:
-                continue
-            for slots in _equal_rows(tmp, sorted(candidates)):
-                _flag_duplicates(slots, ids, labels, keep, flags)
-        packed = writer.finish(keep)
-        row_of_slot = np.cumsum(keep) - 1
-        train_prints = {fp: int(row_of_slot[s[0]]) for fp, s in by_hash.items() if keep[s[0]]}
+    writer = PackWriter(tmp, n)
+    results = _decode_all(source, list(enumerate(members[i] for i in train["id"])), tmp, workers)
+    keep = np.ones(n, dtype=bool)
+    outlier = np.zeros(n, dtype=bool)
+    ids, labels = train["id"].to_numpy(), train["label"].to_numpy()
+    by_hash: dict[int, list[int]] = {}
+    for slot, reason, detail, digest, lo, hi in results:
+        if reason:
+            flags.add("train", ids[slot], reason, detail, True)
+            keep[slot] = False
+            continue
+        by_hash.setdefault(digest, []).append(slot)
+        kind = "dark" if hi <= params.dark_max else "bright" if lo >= params.bright_min else ""
+        if kind:
+            outlier[slot] = True
+            what = f"max pixel {hi} <= {params.dark_max}" if kind == "dark" else f"min pixel {lo} >= {params.bright_min}"
+            flags.add("train", ids[slot], kind, what, params.drop_outliers)
+            keep[slot] &= not params.drop_outliers
+    for candidates in by_hash.values():
+        if len(candidates) < 2:
+            continue
+        for slots in _equal_rows(tmp, sorted(candidates)):
+            _flag_duplicates(slots, ids, labels, keep, flags)
+    packed = writer.finish(keep)
+    row_of_slot = np.cumsum(keep) - 1
+    train_prints = {fp: int(row_of_slot[s[0]]) for fp, s in by_hash.items() if keep[s[0]]}
     index = pd.DataFrame({"row": np.arange(packed), "id": ids[keep], "label": labels[keep].astype(int), "outlier": outlier[keep].astype(int)})
-    write_csv(out.train_index, index)
+    commit.csv(out.train_index, index)
     summary = {
         "labelled_rows": int(len(train)),
         "packed": int(packed),
@@ -332,7 +333,7 @@ def _flag_duplicates(slots: list[int], ids: np.ndarray, labels: np.ndarray, keep
             keep[s] = False
 
 
-def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOutputs, params: ScanParams, flags: _Flags, train_prints: dict[int, int], workers: int, log) -> dict:
+def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOutputs, train_x: Path, commit: Commit, params: ScanParams, flags: _Flags, train_prints: dict[int, int], workers: int, log) -> dict:
     ids = test["id"].to_numpy()
     listed = set(ids)
     for pid in sorted(set(members) - listed):
@@ -341,24 +342,24 @@ def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOut
     for pid in ids[~have]:
         flags.add("test", pid, "missing_image", "in sample_submission.csv but no test/<id>.tif; packed as zeros", False)
     slots = np.flatnonzero(have)
-    with atomic_path(out.test_x) as tmp:
-        writer = PackWriter(tmp, len(ids))  # missing/undecodable rows stay zero (sparse file)
-        results = _decode_all(source, [(int(s), members[ids[s]]) for s in slots], tmp, workers)
-        flag_col = np.array([""] * len(ids), dtype=object)
-        flag_col[~have] = "missing_image"
-        for s, reason, detail, digest, lo, hi in results:
-            if reason:
-                flags.add("test", ids[s], reason, f"{detail}; packed as zeros", False)
-                flag_col[s] = reason
-            elif hi <= params.dark_max or lo >= params.bright_min:
-                kind = "dark" if hi <= params.dark_max else "bright"
-                flags.add("test", ids[s], kind, "outlier kept: every test id gets a prediction", False)
-                flag_col[s] = kind
-            elif digest in train_prints and read_row(tmp, s) == read_row(out.train_x, train_prints[digest]):
-                flags.add("test", ids[s], "duplicate_of_train", "same pixels as a train patch", False)
-                flag_col[s] = "duplicate_of_train"
-        writer.finish(np.ones(len(ids), dtype=bool))
-    write_csv(out.test_index, pd.DataFrame({"row": np.arange(len(ids)), "id": ids, "flag": flag_col}))
+    tmp = commit.path(out.test_x)
+    writer = PackWriter(tmp, len(ids))  # missing/undecodable rows stay zero (sparse file)
+    results = _decode_all(source, [(int(s), members[ids[s]]) for s in slots], tmp, workers)
+    flag_col = np.array([""] * len(ids), dtype=object)
+    flag_col[~have] = "missing_image"
+    for s, reason, detail, digest, lo, hi in results:
+        if reason:
+            flags.add("test", ids[s], reason, f"{detail}; packed as zeros", False)
+            flag_col[s] = reason
+        elif hi <= params.dark_max or lo >= params.bright_min:
+            kind = "dark" if hi <= params.dark_max else "bright"
+            flags.add("test", ids[s], kind, "outlier kept: every test id gets a prediction", False)
+            flag_col[s] = kind
+        elif digest in train_prints and read_row(tmp, s) == read_row(train_x, train_prints[digest]):
+            flags.add("test", ids[s], "duplicate_of_train", "same pixels as a train patch", False)
+            flag_col[s] = "duplicate_of_train"
+    writer.finish(np.ones(len(ids), dtype=bool))
+    commit.csv(out.test_index, pd.DataFrame({"row": np.arange(len(ids)), "id": ids, "flag": flag_col}))
     return {"submission_rows": int(len(ids)), "packed": int(len(ids)), "flagged": int((flag_col != "").sum())}
 
 

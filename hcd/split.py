@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from hcd.errors import HcdError
-from hcd.io import clean_stale_temps, write_csv, write_json
+from hcd.io import Commit, clean_stale_temps
 from hcd.params import SplitParams, load_params
 
 
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     groups = read_groups(p.groups, index["id"]) if p.groups else None
     val = split(index, p, groups)
     frame = index[["row", "id", "label"]].assign(side=np.where(val, "val", "train"))
-    write_csv(args.out, frame)
     bal = balance(index, val, groups)
-    write_json(args.balance, bal)
+    with Commit() as commit:
+        commit.csv(args.out, frame)
+        commit.json(args.balance, bal)
     print(f"split: {bal['train']['n']} train / {bal['val']['n']} val, positive fraction {bal['train']['positive_fraction']} / {bal['val']['positive_fraction']}", file=sys.stderr)

@@ -84,17 +84,7 @@ def _fast_ifd(data: bytes, bo: str) -> np.ndarray | None:
     except struct.error:
         return None
     h, w, c = PATCH_SHAPE
-    if (
-        tags.get(256) != (w,)
-        or tags.get(257) != (h,)
-        or tags.get(277, (1,)) != (c,)
-        or tags.get(258) not in ((8, 8, 8), (8,))
-        or tags.get(259, (1,)) != (1,)
-        or tags.get(262) != (2,)
-        or tags.get(284, (1,)) != (1,)
-        or tags.get(339, (1,)) not in ((1,), (1, 1, 1))
-        or 338 in tags
-    ):
+    if tags.get(256) != (w,) or tags.get(257) != (h,) or tags.get(277, (1,)) != (c,) or tags.get(258) not in ((8, 8, 8), (8,)) or tags.get(259, (1,)) != (1,) or tags.get(262) != (2,) or tags.get(284, (1,)) != (1,) or tags.get(339, (1,)) not in ((1,), (1, 1, 1)) or 338 in tags:
         return None
     offsets, counts = tags.get(273, ()), tags.get(279, ())
     if not offsets or len(offsets) != len(counts) or sum(counts) != PATCH_BYTES:

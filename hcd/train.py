@@ -24,7 +24,6 @@ batch size and a smaller one to try. The model files are written only at the end
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ from hcd import checkpoint
 from hcd.augment import AugmentConfig
 from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads
 from hcd.errors import HcdError
-from hcd.io import atomic_path, clean_stale_temps, read_json
+from hcd.io import Commit, clean_stale_temps, read_json
 from hcd.models import build_model, classifier_params
 from hcd.packed import open_packed
 from hcd.params import Params, TrainParams, load_params
@@ -230,63 +229,64 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
         log(f"train {backbone}: resuming after epoch {start} from {ckpt_path}")
     log(f"train {backbone}: {len(train_src)} train / {len(val_src)} val patches, {device.type}, {threads} threads, lr {lr:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
     t_start = time.perf_counter()
-    with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for rec in history:  # a resumed run rewrites the curves of the epochs before the kill
-            _log_epoch(live, rec)
-        for epoch in range(start, cfg.epochs):
-            if stopped:
-                break
-            frozen = epoch < cfg.freeze_epochs and bool(head)
-            for p in model.parameters():
-                p.requires_grad_(not frozen or id(p) in head)
-            try:
-                total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
-                p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
-            except torch.OutOfMemoryError:
-                raise HcdError(oom_message(f"train {backbone}", device, cfg.batch_size, f"models.{backbone}.batch_size (or train.batch_size)")) from None
-            except HcdError as err:
-                if ckpt_path.exists():
-                    raise HcdError(f"{err}; the last good checkpoint (epoch {epoch}) is kept: {ckpt_path}") from None
-                raise
-            val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(y_val).double()))
-            auc = _auc(y_val, p_val)
-            rec = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss, "val_auc": auc, "lr": opt.param_groups[0]["lr"]}
-            history.append(rec)
-            _log_epoch(live, rec)
-            log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {auc:.4f}")
-            # best epoch by validation AUC; by validation loss when the validation side holds one class
-            score = auc if math.isfinite(auc) else -val_loss
-            if best["state"] is None or score > best["score"]:
-                best = {"auc": auc, "score": score, "epoch": epoch + 1, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-                if cfg.patience and bad_epochs >= cfg.patience:
-                    log(f"train {backbone}: no better validation AUC for {cfg.patience} epochs; stopping")
-                    stopped = True
-            if epoch + 1 < cfg.epochs and not stopped:  # after the last epoch, model.safetensors is written instead
-                state = {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
-                state |= {"rng": checkpoint.rng_state(gen_order, gen_aug), "best": best, "history": history, "bad_epochs": bad_epochs, "stopped": stopped}
-                checkpoint.save(ckpt_path, state)
-        live.summary["best/val_auc"] = best["auc"]
-        live.summary["best/epoch"] = best["epoch"]
-    log(f"train {backbone}: best val AUC {best['auc']:.4f} at epoch {best['epoch']}; {time.perf_counter() - t_start:.0f} s")
-    meta = {  # deterministic: no wall times, so reruns and both engines give identical files
-        "backbone": backbone,
-        "crop": cfg.crop,
-        "upscale": cfg.upscale,
-        "mean": list(prep.mean),
-        "std": list(prep.std),
-        "best_epoch": best["epoch"],
-        "best_val_auc": best["auc"],
-        "epochs_run": len(history),
-        "device": device.type,
-        "lr": lr,
-        "train": cfg.model_dump(mode="json"),
-        "seed": seed,
-        "history": history,
-    }
-    save_model(out_dir, best["state"], meta)
+    with Commit() as commit:  # curves and model files appear together, only when training has finished
+        with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for rec in history:  # a resumed run rewrites the curves of the epochs before the kill
+                _log_epoch(live, rec)
+            for epoch in range(start, cfg.epochs):
+                if stopped:
+                    break
+                frozen = epoch < cfg.freeze_epochs and bool(head)
+                for p in model.parameters():
+                    p.requires_grad_(not frozen or id(p) in head)
+                try:
+                    total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
+                    p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
+                except torch.OutOfMemoryError:
+                    raise HcdError(oom_message(f"train {backbone}", device, cfg.batch_size, f"models.{backbone}.batch_size (or train.batch_size)")) from None
+                except HcdError as err:
+                    if ckpt_path.exists():
+                        raise HcdError(f"{err}; the last good checkpoint (epoch {epoch}) is kept: {ckpt_path}") from None
+                    raise
+                val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(y_val).double()))
+                auc = _auc(y_val, p_val)
+                rec = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss, "val_auc": auc, "lr": opt.param_groups[0]["lr"]}
+                history.append(rec)
+                _log_epoch(live, rec)
+                log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {auc:.4f}")
+                # best epoch by validation AUC; by validation loss when the validation side holds one class
+                score = auc if math.isfinite(auc) else -val_loss
+                if best["state"] is None or score > best["score"]:
+                    best = {"auc": auc, "score": score, "epoch": epoch + 1, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+                    if cfg.patience and bad_epochs >= cfg.patience:
+                        log(f"train {backbone}: no better validation AUC for {cfg.patience} epochs; stopping")
+                        stopped = True
+                if epoch + 1 < cfg.epochs and not stopped:  # after the last epoch, model.safetensors is written instead
+                    state = {"key": key, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
+                    state |= {"rng": checkpoint.rng_state(gen_order, gen_aug), "best": best, "history": history, "bad_epochs": bad_epochs, "stopped": stopped}
+                    checkpoint.save(ckpt_path, state)
+            live.summary["best/val_auc"] = best["auc"]
+            live.summary["best/epoch"] = best["epoch"]
+        log(f"train {backbone}: best val AUC {best['auc']:.4f} at epoch {best['epoch']}; {time.perf_counter() - t_start:.0f} s")
+        meta = {  # deterministic: no wall times, so reruns and both engines give identical files
+            "backbone": backbone,
+            "crop": cfg.crop,
+            "upscale": cfg.upscale,
+            "mean": list(prep.mean),
+            "std": list(prep.std),
+            "best_epoch": best["epoch"],
+            "best_val_auc": best["auc"],
+            "epochs_run": len(history),
+            "device": device.type,
+            "lr": lr,
+            "train": cfg.model_dump(mode="json"),
+            "seed": seed,
+            "history": history,
+        }
+        save_model(out_dir, best["state"], meta, commit)
     ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
     return meta
 
@@ -307,13 +307,11 @@ def oom_message(what: str, device: torch.device, batch_size: int, key: str, note
     return f"{what}: out of GPU memory on {where} at batch size {batch_size}; set {key} to {max(1, batch_size // 2)} or lower{note}"
 
 
-def save_model(out_dir: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+def save_model(out_dir: Path, state: dict[str, torch.Tensor], meta: dict, commit: Commit) -> None:
     from safetensors.torch import save_file
 
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    with atomic_path(out_dir / "model.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(commit.path(out_dir / "model.safetensors")))
+    commit.json(out_dir / "model.json", meta)
 
 
 def load_model(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -350,5 +348,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.backbone not in params.backbones:
         raise HcdError(f"backbones: {args.backbone!r} is not in {params.backbones}")
     out = Path(args.out_dir or f"models/{args.backbone}")
-    clean_stale_temps(out / "model.safetensors", out / "model.json")
-    train(args.backbone, params, Path(args.packed), Path(args.index), Path(args.split), Path(args.stats), out, Path(args.live_dir or f"dvclive/{args.backbone}"), log=lambda m: print(m, file=sys.stderr))
+    live = Path(args.live_dir or f"dvclive/{args.backbone}")
+    clean_stale_temps(out / "model.safetensors", out / "model.json", out / checkpoint.NAME, live)
+    train(args.backbone, params, Path(args.packed), Path(args.index), Path(args.split), Path(args.stats), out, live, log=lambda m: print(m, file=sys.stderr))

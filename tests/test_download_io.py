@@ -123,3 +123,34 @@ def test_killed_stage_leaves_no_output_an_engine_would_take(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == -9
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_a_failed_commit_leaves_every_previous_output_not_a_mix(tmp_path):
+    from hcd.io import Commit
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots/old.json").write_text("old curve")
+    write_json(tmp_path / "a.json", {"v": 1})
+    write_json(tmp_path / "b.json", {"v": 1})
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(HcdError) as info:
+        with Commit() as c:
+            c.json(tmp_path / "a.json", {"v": 2})  # written completely...
+            (c.dir(tmp_path / "plots") / "new.json").write_text("new curve")
+            with open(c.path(tmp_path / "b.json"), "w") as fh:  # ...then the disk fills on the next output
+                fh.write('{"v": 2')
+                raise OSError(28, "No space left on device")
+    assert "b.json: could not write (No space left on device); previous file left as it was" in str(info.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, "all or nothing; no temporaries left"
+
+
+def test_a_committed_folder_replaces_the_old_one_whole(tmp_path):
+    from hcd.io import Commit, clean_stale_temps
+
+    (tmp_path / "plots/roc").mkdir(parents=True)
+    (tmp_path / "plots/roc/removed_backbone.json").write_text("stale")
+    (tmp_path / ".plots.tmp-99-dead").mkdir()  # left by a kill
+    clean_stale_temps(tmp_path / "plots")
+    with Commit() as c:
+        (c.dir(tmp_path / "plots") / "confusion.json").write_text("{}")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["plots", "plots/confusion.json"]
