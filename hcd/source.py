@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
 ID_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_MEMBER_BYTES = 8 * 1024 * 1024  # a 96x96 patch is ~28 KB; larger is refused unread (zip bomb)
 _LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
+# what zipfile raises on a damaged member: bad headers, names that are not UTF-8, unsupported or encrypted entries
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
 
 # A member reference travels to worker processes: plain tuples, no ZipInfo.
 # zip:  (name, header_offset, compress_size, file_size, compress_type, crc, flag_bits)
@@ -54,8 +56,21 @@ class Listing:
     odd: list[tuple[str, str, str]]  # (split, member name, reason) for misnamed files
 
 
-def _classify(names: list[str], label: str) -> tuple[str, dict[str, int], dict[str, int], list[tuple[str, str, str]]]:
-    """Find the dataset root inside ``names`` and index the patch members by id."""
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_name(name: str) -> bool:
+    """A member name that would escape the folder if extracted: absolute, a drive, or a ``..`` part."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or bool(_DRIVE_RE.match(name)) or ".." in parts
+
+
+def _classify(names: list[str], label: str, links: frozenset[str] = frozenset()) -> tuple[str, dict[str, int], dict[str, int], list[tuple[str, str, str]]]:
+    """Find the dataset root inside ``names`` and index the patch members by id.
+
+    Members with unsafe names (zip-slip: ``../``, absolute paths) and symbolic
+    links are reported and never read; nothing is ever extracted anyway.
+    """
     roots = [n[: -len("train_labels.csv")] for n in names if n.endswith("train_labels.csv") and n.count("/") <= 1]
     roots = [r for r in roots if r == "" or r.endswith("/")]
     if not roots:
@@ -65,6 +80,10 @@ def _classify(names: list[str], label: str) -> tuple[str, dict[str, int], dict[s
     test: dict[str, int] = {}
     odd: list[tuple[str, str, str]] = []
     for pos, name in enumerate(names):
+        if unsafe_name(name) or name in links:
+            where = next((s for s in ("train", "test") if name.startswith(f"{root}{s}/")), "archive")
+            odd.append((where, name, "symbolic link: not followed, not read" if name in links else "unsafe name (absolute or '..'): not read, nothing extracted"))
+            continue
         if not name.startswith(root):
             continue
         rel = name[len(root) :]
@@ -95,10 +114,11 @@ class ZipSource:
             self._infos = self._zf.infolist()
         except FileNotFoundError:
             raise HcdError(f"{self.label}: archive not found") from None
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except _ZIP_ERRORS as exc:
             raise HcdError(f"{self.label}: not a readable zip archive ({exc})") from None
         names = [i.filename for i in self._infos]
-        self.root, train, test, self._odd = _classify(names, self.label)
+        links = frozenset(i.filename for i in self._infos if i.create_system == 3 and (i.external_attr >> 16) & 0o170000 == 0o120000)
+        self.root, train, test, self._odd = _classify(names, self.label, links)
         self._by_name = {i.filename: i for i in self._infos}
         self._train = {k: self._ref(self._infos[v]) for k, v in train.items()}
         self._test = {k: self._ref(self._infos[v]) for k, v in test.items()}
@@ -122,8 +142,8 @@ class ZipSource:
         try:
             zf = self._zf or zipfile.ZipFile(self.path)
             return zf.read(info)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
-            raise HcdError(f"{self.label}: {name} cannot be read ({exc})") from None
+        except _ZIP_ERRORS as exc:
+            raise HcdError(f"{self.label}: {name} cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -163,7 +183,7 @@ class ZipSource:
             try:
                 with zipfile.ZipFile(self.path) as zf, zf.open(name) as fh:
                     data = fh.read(MAX_MEMBER_BYTES + 1)
-            except (zipfile.BadZipFile, NotImplementedError, zlib.error, OSError, EOFError) as exc:
+            except _ZIP_ERRORS as exc:
                 raise PatchError("undecodable", f"zip member cannot be read ({exc})") from None
             return data
         if len(data) != size or _z.crc32(data) != crc:
