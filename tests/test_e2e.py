@@ -1,9 +1,15 @@
 """The whole pipeline through `dvc repro` and `snakemake` in temporary copies of the repo.
 
-On a tiny demo config (two backbones, one epoch) both engines must produce
+On a tiny demo config (two backbones, two epochs) both engines must produce
 byte-identical outputs on the CPU — packed arrays, weights, predictions, metrics,
 submission — rerun exactly the stages a params change affects, and Snakemake must
 not rerun anything after DVC has rewritten every file with new modification times.
+Snakemake trains the two backbones at the same time (one thread each for the
+scheduler, HCD_THREADS=2 for torch) and must still match DVC's one-at-a-time run.
+
+Every run has a fake Kaggle key in the environment and in KAGGLE_CONFIG_DIR; the
+last test greps everything the runs wrote and printed for it. Both engines are
+also killed with SIGKILL mid-training and rerun: the results equal the baseline.
 """
 
 from __future__ import annotations
@@ -11,9 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
+import secrets
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,18 +37,26 @@ pytestmark = pytest.mark.e2e
 TINY = {
     "backbones": ["cnn", "resnet10t"],
     "data": {"demo": {"n_train": 240, "n_test": 30, "n_slides": 12}},
-    "train": {"epochs": 1, "batch_size": 32, "crop": 48, "patience": 0},
+    "train": {"epochs": 2, "batch_size": 32, "crop": 48, "patience": 0},
     "predict": {"tta": 2, "batch_size": 64},
     "metrics": {"bootstrap": 20},
 }
+SECRET = secrets.token_hex(16)  # a fake Kaggle key, made per session (so not in any copied file): it must appear in nothing a run writes or prints
+KAGGLE_DIR = Path(tempfile.mkdtemp(prefix="hcd-kaggle-"))
+(KAGGLE_DIR / "kaggle.json").write_text(json.dumps({"username": "hcd-test", "key": SECRET}))
+os.chmod(KAGGLE_DIR / "kaggle.json", 0o600)
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": SECRET}
+SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1")  # both backbones train at once
+LOGS: list[str] = []  # everything the engines printed, for the credentials test
 MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
 ALL_STAGES = {"download", "scan", "split", "stats"} | MODEL_STAGES
 
 
-def sh(cwd: Path, *cmd: str) -> str:
+def sh(cwd: Path, *cmd: str, ok: bool = True) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    LOGS.append(proc.stdout + proc.stderr)
+    assert proc.returncode == 0 or not ok, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 
@@ -100,8 +119,12 @@ def engines(tmp_path_factory):
     dvc_log = sh(dvc_root, "dvc", "repro")
     sh(dvc_root, "git", "add", "-A")
     sh(dvc_root, "git", "commit", "-qm", "baseline results")  # dvc.lock and metrics, for `dvc metrics diff`
-    snake_log = sh(snake_root, "snakemake", "--cores", "2")
+    snake_log = sh(snake_root, "snakemake", *SNAKE_PARALLEL)
+    BASELINE.update(digests(dvc_root))
     return dvc_root, snake_root, dvc_log, snake_log
+
+
+BASELINE: dict[str, str] = {}  # the outputs of the first, uninterrupted dvc run
 
 
 def test_both_engines_run_every_stage_and_agree_byte_for_byte(engines):
@@ -138,7 +161,7 @@ def test_a_split_param_reruns_split_and_what_follows_in_both_engines(engines):
         set_params(root, split={"val_fraction": 0.25})
     assert snakemake_would_run(snake_root) == ALL_STAGES - {"download", "scan"}
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == ALL_STAGES - {"download", "scan"}
-    sh(snake_root, "snakemake", "--cores", "2")
+    sh(snake_root, "snakemake", *SNAKE_PARALLEL)
     assert digests(dvc_root) == digests(snake_root)
     assert '"val_fraction": 0.25' in (dvc_root / "metrics/split.json").read_text()
 
@@ -150,7 +173,7 @@ def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     expected = {"predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
     assert snakemake_would_run(snake_root) == expected
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
-    sh(snake_root, "snakemake", "--cores", "2")
+    sh(snake_root, "snakemake", *SNAKE_PARALLEL)
     assert digests(dvc_root) == digests(snake_root)
 
 
@@ -172,3 +195,68 @@ def test_dvc_metrics_and_plots_read_the_outputs(engines, tmp_path):
     plots = sh(dvc_root, "dvc", "plots", "show", "--json")
     for name in ("plots/roc", "plots/confusion.json", "dvclive/cnn/plots/metrics"):
         assert name in plots, name
+
+
+def test_snakemake_trained_both_backbones_at_once_and_matched_dvc(engines):
+    _, _, _, snake_log = engines
+    started = [m.start() for m in re.finditer(r"^(?:local)?rule train:", snake_log, re.M)]
+    finished = re.search(r"^Finished jobid: \d+ \(Rule: train\)", snake_log, re.M)
+    assert len(started) == 2 and finished, snake_log[-3000:]
+    assert started[1] < finished.start(), "the second training started only after the first had finished"
+    # outputs equal DVC's sequential run: test_both_engines_run_every_stage_and_agree_byte_for_byte
+
+
+def _kill_mid_training(root: Path, *cmd: str) -> None:
+    """Start an engine, SIGKILL its whole process group shortly after a training checkpoint appears."""
+    proc = subprocess.Popen(cmd, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not list(root.glob("models/*/checkpoint.pt")):
+        time.sleep(0.05)
+    time.sleep(random.Random(str(cmd)).uniform(0.0, 0.5))  # somewhere in the second epoch
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    LOGS.append(proc.communicate()[0])
+    assert not (root / "results/submission.csv").exists()
+
+
+def test_dvc_killed_mid_training_reruns_to_the_same_results(engines, tmp_path):
+    assert BASELINE
+    root = repo_copy(tmp_path / "dvc")
+    _kill_mid_training(root, "dvc", "repro")
+    log = sh(root, "dvc", "repro")
+    assert "resuming after epoch 1" in log
+    assert {"download", "scan", "split", "stats"}.isdisjoint(dvc_ran(log)), "finished stages ran again"
+    assert digests(root) == BASELINE
+    assert "up to date" in sh(root, "dvc", "status").lower()
+
+
+def test_snakemake_killed_mid_training_reruns_to_the_same_results(engines, tmp_path):
+    root = repo_copy(tmp_path / "snakemake")
+    _kill_mid_training(root, "snakemake", *SNAKE_PARALLEL)
+    refused = sh(root, "snakemake", *SNAKE_PARALLEL, ok=False)  # Snakemake keeps its lock after a kill -9 ...
+    assert "Directory cannot be locked" in refused and "--unlock" in refused
+    sh(root, "snakemake", "--unlock")  # ... and says how to release it (the README does too)
+    log = sh(root, "snakemake", *SNAKE_PARALLEL)  # rerun-incomplete (profiles/default) reruns the killed jobs
+    assert "resuming after epoch 1" in log
+    assert digests(root) == BASELINE
+    assert snakemake_would_run(root) == set()
+
+
+def test_kaggle_credentials_appear_nowhere_a_run_wrote_or_printed(engines, tmp_path):
+    """Runs last: greps both engines' copies after every test above ran in them, plus a failing Kaggle download."""
+    dvc_root, snake_root, _, _ = engines
+    kaggle_root = repo_copy(tmp_path / "kaggle", data={"source": "kaggle"})  # offline here: the download fails as on a network error
+    assert "hcd download: error: kaggle:" in sh(kaggle_root, "dvc", "repro", "download", ok=False)
+    assert "hcd download: error: kaggle:" in sh(kaggle_root, "snakemake", "--cores", "1", "data/raw/hcd.zip", ok=False)
+    secret = SECRET.encode()
+    checked = 0
+    for root in (dvc_root, snake_root, kaggle_root):
+        for f in root.rglob("*"):  # outputs, params, dvc.lock, .dvc/ (cache, tmp, logs), .snakemake/ (logs, metadata)
+            if f.is_file() and not f.is_symlink() and ".git" not in f.relative_to(root).parts:
+                assert secret not in f.read_bytes(), f"the Kaggle key is in {f}"
+                checked += 1
+        history = subprocess.run(["git", "log", "-p", "--all"], cwd=root, capture_output=True, text=True).stdout
+        assert SECRET not in history
+        assert list(root.glob(".snakemake/log/*.log")) or root == dvc_root
+    assert checked > 100
+    assert LOGS and not [log for log in LOGS if SECRET in log], "the Kaggle key was printed"
