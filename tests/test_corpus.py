@@ -120,6 +120,26 @@ def corrupt_member_data(k: Kit) -> Path:
     return arc
 
 
+def lying_zip_bomb(k: Kit) -> Path:
+    """A member that declares 27,648 bytes but inflates to 64 MB: the inflater stops at the limit."""
+    arc = k.patch_is(b"\0" * (64 * 1024 * 1024))
+    data = bytearray(arc.read_bytes())
+    name = f"train/{BAD}.tif".encode()
+    local = 0
+    while True:  # the member's local header, then its central-directory record
+        local = data.find(b"PK\x03\x04", local)
+        if data[local + 30 : local + 30 + len(name)] == name:
+            break
+        local += 4
+    struct.pack_into("<I", data, local + 22, 96 * 96 * 3)
+    cd = data.find(b"PK\x01\x02")
+    while data[cd + 46 : cd + 46 + len(name)] != name:
+        cd = data.find(b"PK\x01\x02", cd + 4)
+    struct.pack_into("<I", data, cd + 24, 96 * 96 * 3)
+    arc.write_bytes(bytes(data))
+    return arc
+
+
 def nested(k: Kit) -> Path:
     with zipfile.ZipFile(k.arc, "w", zipfile.ZIP_DEFLATED) as zf:
         top = "histopathologic-cancer-detection/"
@@ -171,6 +191,7 @@ CASES: list[Case] = [
     ("symlink member train/<id>.tif -> /etc/passwd", lambda k: k.with_members([(symlink_member(f"train/{hexid(79)}.tif", "/etc/passwd"), b"/etc/passwd")]), "flag", ("train", f"train/{hexid(79)}.tif", "unexpected_file", "symbolic link")),
     ("nested top folder", nested, "ok", ()),
     ("zip bomb member (inflates past 8 MB)", lambda k: k.patch_is(b"\0" * (64 * 1024 * 1024)), "flag", ("train", BAD, "undecodable", "refused")),
+    ("zip bomb member that lies about its size", lying_zip_bomb, "flag", ("train", BAD, "undecodable", "inflates past the size limit")),
     ("member fails its CRC", corrupt_member_data, "flag", ("train", BAD, "undecodable", "CRC")),
     ("corrupt central directory", corrupt_central_directory, "error", ("not a readable zip archive",)),
     ("archive cut in half", lambda k: (k.build(), k.arc.write_bytes(k.arc.read_bytes()[: k.arc.stat().st_size // 2]), k.arc)[2], "error", ("not a readable zip archive",)),
