@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from hcd.params import DemoParams, ScanParams
 from hcd.scan import ScanOutputs
@@ -34,6 +37,26 @@ def hexid(i: int) -> str:
 
 def patch(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(30, 220, (96, 96, 3), dtype=np.uint8)
+
+
+def tiff_bytes(img: np.ndarray, **kw) -> bytes:
+    """A TIFF of ``img`` written by tifffile (any layout or compression it supports)."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, img, **kw)
+    return buf.getvalue()
+
+
+def bomb_header() -> bytes:
+    """A 1x1 TIFF whose header is rewritten to claim 100,000 x 100,000 px (a decompression bomb)."""
+    data = bytearray(tiff_bytes(np.zeros((1, 1, 3), np.uint8), photometric="rgb"))
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (n,) = struct.unpack_from("<H", data, ifd)
+    for k in range(n):
+        pos = ifd + 2 + 12 * k
+        tag, _ = struct.unpack_from("<HH", data, pos)
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, pos, tag, 4, 1, 100_000)
+    return bytes(data)
 
 
 def make_archive(path: Path, train: dict[str, bytes], labels: str | bytes, test: dict[str, bytes], sample: str | bytes | None = None, extra: dict[str, bytes] | None = None, skip: tuple[str, ...] = ()) -> Path:

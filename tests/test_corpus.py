@@ -26,20 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
+from conftest import REPO, bomb_header, encode_patch, hexid, make_archive, patch
+from conftest import tiff_bytes as tiff
 
-from conftest import REPO, encode_patch, hexid, make_archive, patch
 from hcd.cli import main as hcd
 
 BAD = hexid(2)  # the train patch a case damages
 GOOD_TRAIN = [hexid(i) for i in range(6)]
 TEST_IDS = [hexid(100 + i) for i in range(3)]
-
-
-def tiff(img: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, img, **kw)
-    return buf.getvalue()
 
 
 def pil(fmt: str) -> bytes:
@@ -48,19 +42,6 @@ def pil(fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(patch(2)).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def bomb_header() -> bytes:
-    """A 1x1 TIFF whose header claims 100,000 x 100,000 px."""
-    data = bytearray(tiff(np.zeros((1, 1, 3), np.uint8), photometric="rgb"))
-    (ifd,) = struct.unpack_from("<I", data, 4)
-    (n,) = struct.unpack_from("<H", data, ifd)
-    for k in range(n):
-        pos = ifd + 2 + 12 * k
-        tag, _ = struct.unpack_from("<HH", data, pos)
-        if tag in (256, 257):
-            struct.pack_into("<HHII", data, pos, tag, 4, 1, 100_000)
-    return bytes(data)
 
 
 class Kit:
