@@ -13,6 +13,7 @@ confusion-matrix data under ``plots/`` (top-level DVC plots).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pandas as pd
 from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
 from hcd.errors import HcdError
-from hcd.io import Commit, clean_stale_temps, write_json
+from hcd.io import Commit, clean_stale_temps
 from hcd.params import load_params
 
 MAX_CURVE_POINTS = 400  # plots stay small enough for git
@@ -101,9 +102,9 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
     with Commit() as commit:  # the plots folder is rebuilt whole: no curve of a removed backbone lingers
         folder = commit.dir(plots_dir)
-        for rel, obj in curves.items():
+        for rel, obj in curves.items():  # plain writes: a failure names the plots folder, which stays as it was
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            write_json(folder / rel, obj)
+            (folder / rel).write_text(json.dumps(obj, indent=2) + "\n")
         commit.json(metrics_out, out)
     return out
 

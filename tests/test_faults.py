@@ -184,6 +184,7 @@ def test_disk_full_gives_one_line_and_keeps_the_previous_outputs(reference, tmp_
     assert "Traceback" not in proc.stderr, proc.stderr
     assert err.startswith(f"hcd {name.split('@')[0]}: error: ") and "File too large" in err, err
     assert any(o in err for o in outs) or "dvclive" in err, f"the message names no output: {err}"
+    print(f"RLIMIT_FSIZE {name}: {err}")  # shown by pytest -rP: the closing note's table
     assert snapshot(ws) == ref, "previous outputs changed"
     assert temporaries(ws) == []
 
@@ -215,6 +216,7 @@ def test_real_enospc_on_a_small_tmpfs(reference, tmp_path, name, spare_kb):
     assert "Traceback" not in proc.stderr
     assert err.startswith(f"hcd {name.split('@')[0]}: error: ") and ("No space left on device" in err or "not enough disk space" in err), proc.stderr
     assert "TEMP" not in proc.stdout
+    print(f"ENOSPC {name}: {err}")
     _, ref, _ = reference
     seen = dict(reversed(line.split()) for line in proc.stdout.splitlines())
     assert seen == {f: ref[f] for f in output_files(ws, outs)}, "previous outputs changed"
