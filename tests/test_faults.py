@@ -131,7 +131,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(re
     for k in range(KILLS_PER_STAGE):
         ws = copy_of(reference, tmp_path / f"kill{k}")
         remove(ws, outs)
-        delay = rng.uniform(0.3, 1.0) * seconds[name]  # the first 30 % is interpreter and torch start-up
+        delay = rng.uniform(0.25, 0.9) * seconds[name]  # the first quarter is interpreter and torch start-up
         proc = start(ws, name)
         time.sleep(delay)
         landed += kill9(proc)
