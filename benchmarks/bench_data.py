@@ -20,7 +20,6 @@ Absolute times are printed for context; the ratios are the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hcd.io import write_json  # noqa: E402
 from hcd.params import DemoParams, ScanParams  # noqa: E402
 from hcd.scan import ScanOutputs, scan  # noqa: E402
 from hcd.synth import _all_slides, render, truth, write_archive  # noqa: E402
@@ -208,10 +208,8 @@ def main() -> None:
             results["scan_memory"] = mem = peak_memory(big, work / "mem", workers=2)
             print(f"  scan of {mem['patches']} patches, 2 workers: {mem['scan_seconds']} s; packed output {mem['packed_output_gb']} GB")
             print(f"  peak memory (PSS, all processes): {mem['peak_pss_all_processes_gb']} GB (target < 2.0 beyond the packed output); main process RSS {mem['peak_rss_main_process_gb']} GB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

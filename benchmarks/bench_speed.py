@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hcd.augment import AugmentConfig  # noqa: E402
 from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads  # noqa: E402
+from hcd.io import write_json  # noqa: E402
 from hcd.models import build_model  # noqa: E402
 from hcd.params import TrainParams  # noqa: E402
 from hcd.train import make_optimizer, make_schedule, predict_logits, train_steps  # noqa: E402
@@ -256,7 +257,7 @@ def main() -> None:
         if args.full_size:
             r = res["train_memory"] = full_size_memory(work, steps=20)
             print(f"training on {r['patches']} patches ({r['packed_gb']} GB packed): peak memory {r['peak_pss_gb']} GB = {r['ratio_to_packed']} x the array (target <= 1.5)")
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -31,6 +31,10 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hcd.io import write_json  # noqa: E402
+
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
@@ -142,10 +146,8 @@ def main() -> None:
             archive = Path(args.real)
             labels = Path(args.labels) if args.labels else archive.with_name(archive.stem + "-test-labels.csv")
             results["real"] = real(work, archive, labels)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
