@@ -49,95 +49,21 @@ rule all:
         final_outputs(),
 
 
-rule download:
-    input:
-        snakemake_inputs(S["download"], BACKBONES),
-    output:
-        outputs("download"),
-    params:
-        **snakemake_params(PARAMS, S["download"]),
-    shell:
-        snakemake_shell(S["download"])
+# One rule per stage of the table, defined in a loop (Snakemake's procedural rule
+# definition): check, download, scan, split, stats, train, predict, ensemble, metrics.
+for _stage in STAGES:
 
-
-rule scan:
-    input:
-        snakemake_inputs(S["scan"], BACKBONES),
-    output:
-        outputs("scan"),
-    params:
-        **snakemake_params(PARAMS, S["scan"]),
-    shell:
-        snakemake_shell(S["scan"])
-
-
-rule split:
-    input:
-        snakemake_inputs(S["split"], BACKBONES),
-    output:
-        outputs("split"),
-    params:
-        **snakemake_params(PARAMS, S["split"]),
-    shell:
-        snakemake_shell(S["split"])
-
-
-rule stats:
-    input:
-        snakemake_inputs(S["stats"], BACKBONES),
-    output:
-        outputs("stats"),
-    params:
-        **snakemake_params(PARAMS, S["stats"]),
-    shell:
-        snakemake_shell(S["stats"])
-
-
-rule train:
-    input:
-        snakemake_inputs(S["train"], BACKBONES),
-    output:
-        outputs("train"),
-    params:
-        **snakemake_params(PARAMS, S["train"]),
-    threads: threads("train")
-    resources:
-        **S["train"].resources,
-    shell:
-        snakemake_shell(S["train"])
-
-
-rule predict:
-    input:
-        snakemake_inputs(S["predict"], BACKBONES),
-    output:
-        outputs("predict"),
-    params:
-        **snakemake_params(PARAMS, S["predict"]),
-    threads: threads("predict")
-    resources:
-        **S["predict"].resources,
-    shell:
-        snakemake_shell(S["predict"])
-
-
-rule ensemble:
-    input:
-        snakemake_inputs(S["ensemble"], BACKBONES),
-    output:
-        outputs("ensemble"),
-    params:
-        **snakemake_params(PARAMS, S["ensemble"]),
-    shell:
-        snakemake_shell(S["ensemble"])
-
-
-rule metrics:
-    input:
-        snakemake_inputs(S["metrics"], BACKBONES),
-    output:
-        outputs("metrics"),
-    params:
-        **snakemake_params(PARAMS, S["metrics"]),
-    shell:
-        snakemake_shell(S["metrics"])
+    rule:
+        name:
+            _stage.name
+        input:
+            snakemake_inputs(_stage, BACKBONES),
+        output:
+            outputs(_stage.name),
+        params:
+            **snakemake_params(PARAMS, _stage),
+        threads: threads(_stage.name)
+        resources:
+            **_stage.resources,
+        shell:
+            snakemake_shell(_stage)

@@ -4,7 +4,9 @@ recipe into another one (the notebooks A–E, a GPU recipe, ...).
     hcd params apply configs/notebook-E.yaml     # merge into params.yaml (comments kept)
     hcd params flags configs/notebook-E.yaml     # the same as `dvc exp run -S` flags
 
-The merged result is validated against the schema before anything is written.
+Both validate the merged result against the schema exactly as the stages do,
+before anything is written or printed: a bad value (a backbone name holding
+shell syntax, say) never reaches ``params.yaml`` or DVC.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 from hcd.io import atomic_path
 from hcd.params import Params, _format_error
 
@@ -58,10 +61,14 @@ def flatten(over: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def apply(overlay: Path, params: Path) -> None:
+def merged(overlay: Path, params: Path) -> str:
+    """``params`` with ``overlay`` merged in (comments kept), validated exactly as the stages validate it."""
     rt = YAML()
     rt.preserve_quotes = True
-    doc = rt.load(params.read_text())
+    try:
+        doc = rt.load(params.read_text())
+    except FileNotFoundError:
+        raise HcdError(f"{params}: file not found (run from the repository root)") from None
     _merge(doc, read_overlay(overlay))
     buf = io.StringIO()
     rt.dump(doc, buf)
@@ -71,19 +78,42 @@ def apply(overlay: Path, params: Path) -> None:
         Params.model_validate(yaml.safe_load(buf.getvalue()))
     except ValidationError as err:
         raise HcdError(_format_error(overlay, err)) from None
+    return buf.getvalue()
+
+
+def apply(overlay: Path, params: Path) -> None:
+    text = merged(overlay, params)
     with atomic_path(params) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(text)
+
+
+# What the shell does to an unquoted $(...) result: it splits words at white space and
+# expands glob patterns. A value holding either would not reach DVC as written.
+_UNSAFE_WORD = re.compile(r"[\s*?]")
+
+
+def flags(overlay: Path, params: Path) -> str:
+    """``-S key=value`` flags for ``dvc exp run``, after the same validation as :func:`apply`."""
+    merged(overlay, params)  # refuses what apply would refuse: a bad name never reaches DVC
+    out = []
+    for key, value in flatten(read_overlay(overlay)):
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        word = f"{key}={text}"
+        if _UNSAFE_WORD.search(word):
+            raise HcdError(f"{overlay}: {key}: {excerpt(text)} holds white space or a glob character, which `dvc exp run $(hcd params flags …)` would split or expand; use `hcd params apply {overlay}` instead")
+        out += ["-S", word]
+    return " ".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="hcd params", description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["apply", "flags"])
-    ap.add_argument("overlay")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="hcd params", description="apply a configuration overlay to params.yaml, or print it as `dvc exp run -S` flags")
+    ap.add_argument("action", choices=["apply", "flags"], help="apply: merge into params.yaml (comments kept); flags: print -S flags for `dvc exp run`")
+    ap.add_argument("overlay", help="a YAML file of params keys, e.g. configs/notebook-E.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the params file to merge into or validate against (default: params.yaml)")
     args = ap.parse_args(argv)
     overlay = Path(args.overlay)
     if args.action == "apply":
         apply(overlay, Path(args.params))
         print(f"applied {overlay} to {args.params}", file=sys.stderr)
     else:
-        print(" ".join(f"-S {k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}" for k, v in flatten(read_overlay(overlay))))
+        print(flags(overlay, Path(args.params)))

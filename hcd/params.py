@@ -9,19 +9,34 @@ keys it reads in :mod:`hcd.pipeline`, so a change reruns only what depends on it
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Literal
+import re
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds stop here; torch's at 2**64 - 1
+GROUPS_DIR = "data/groups"  # where split.groups files live: a declared input of split in both engines
+# A backbone name becomes a stage name (train@<name>), a command-line word and a folder
+# (models/<name>/): one path component of letters, digits, '_', '-', '.', not starting with
+# '.' or '-', never '..'. DVC interpolates it into a shell command before any hcd code runs;
+# the `check` stage (hcd.check) refuses a bad name before DVC reaches that command.
+BACKBONE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+COMPETITION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # unknown keys refused; inf and nan refused in every float
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class DemoParams(_Strict):
@@ -30,21 +45,25 @@ class DemoParams(_Strict):
     n_train: int = Field(4000, ge=20, le=400_000)
     n_test: int = Field(1000, ge=5, le=100_000)
     positive_fraction: float = Field(0.4, gt=0.0, lt=1.0)
-    n_slides: int = Field(60, ge=2)  # patches come in slides: neighbours share stain and texture
-    seed: int = 0
+    n_slides: int = Field(60, ge=2, le=100_000)  # patches come in slides: neighbours share stain and texture
+    seed: Seed = 0
     plant_defects: bool = True  # dark/bright/truncated/wrong-size/conflicting-duplicate patches
 
 
 class DataParams(_Strict):
     source: Literal["demo", "kaggle", "zip", "dir"] = "demo"
-    path: str | None = None  # the archive (zip) or folder (dir)
+    path: str | None = Field(None, max_length=4096)  # the archive (zip) or folder (dir)
     competition: str = "histopathologic-cancer-detection"
     demo: DemoParams = DemoParams()
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataParams":
         if self.source in ("zip", "dir") and not self.path:
-            raise ValueError(f"data.path must name the {'archive' if self.source == 'zip' else 'folder'} when data.source is {self.source!r}")
+            raise ValueError(f"data.path: must name the {'archive' if self.source == 'zip' else 'folder'} when data.source is {self.source!r}")
+        if self.path is not None and ("\0" in self.path or "\n" in self.path):
+            raise ValueError("data.path: holds a NUL or newline character")
+        if not COMPETITION_RE.match(self.competition):
+            raise ValueError(f"data.competition: {excerpt(self.competition)} is not a Kaggle competition slug (lower-case letters, digits and '-')")
         return self
 
 
@@ -55,9 +74,24 @@ class ScanParams(_Strict):
 
 
 class SplitParams(_Strict):
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    seed: int = 42
-    groups: str | None = None  # CSV id,group (slide): split by group so no slide is on both sides
+    val_fraction: float = Field(0.1, ge=0.01, le=0.5)
+    seed: Seed = 42
+    groups: str | None = None  # CSV id,group (slide) under data/groups/: split by group so no slide is on both sides
+
+    @model_validator(mode="after")
+    def _groups_inside(self) -> "SplitParams":
+        if self.groups is not None:
+            check_groups_path(self.groups)
+        return self
+
+
+def check_groups_path(value: str) -> PurePosixPath:
+    """``split.groups`` must name a ``.csv`` inside ``data/groups/``: a declared input of split, inside the repository."""
+    path = PurePosixPath(value)
+    inside = path.parts[: len(PurePosixPath(GROUPS_DIR).parts)] == PurePosixPath(GROUPS_DIR).parts
+    if not inside or path.is_absolute() or ".." in path.parts or len(path.parts) != 3 or path.suffix != ".csv" or not BACKBONE_RE.match(path.name):
+        raise ValueError(f"split.groups: {excerpt(value)} must be a file {GROUPS_DIR}/<name>.csv (copy the file there: the split stage tracks that folder)")
+    return path
 
 
 class AugmentParams(_Strict):
@@ -74,37 +108,37 @@ class TrainParams(_Strict):
     batch_size: int = Field(128, ge=2, le=8192)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD only
-    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup_epochs: float = Field(0.5, ge=0.0)  # cosine only (one-cycle has its own warm-up)
+    warmup_epochs: float = Field(0.5, ge=0.0, le=1000.0)  # cosine only (one-cycle has its own warm-up)
     crop: int = Field(64, ge=32, le=96)  # px around the centre
     upscale: int | None = Field(None, ge=32, le=512)  # resize the crop to this many px (None: keep)
     augment: AugmentParams = AugmentParams()
-    pretrained: bool | str = False  # true: timm hub weights (needs a network); a path: local weights
-    freeze_epochs: int = Field(0, ge=0)  # train only the head for this many epochs first
-    patience: int = Field(5, ge=0)  # early stopping on validation AUC (0: off); the best epoch is kept
-    pos_weight: float | Literal["auto"] | None = None  # BCE positive-class weight; auto = negatives/positives
+    pretrained: bool | Annotated[str, Field(min_length=1, max_length=4096)] = False  # true: timm hub weights (needs a network); a path: local weights
+    freeze_epochs: int = Field(0, ge=0, le=1000)  # train only the head for this many epochs first
+    patience: int = Field(5, ge=0, le=1000)  # early stopping on validation AUC (0: off); the best epoch is kept
+    pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | Literal["auto"] | None = None  # BCE positive-class weight (> 0); auto = negatives/positives
     compile: bool = False  # torch.compile the model (CUDA)
 
 
 class ModelOverride(_Strict):
     """Per-backbone settings that replace the shared ones in ``train`` (and ``lr``)."""
 
-    lr: float | None = Field(None, gt=0.0)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=2)
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    epochs: int | None = Field(None, ge=1, le=1000)
+    batch_size: int | None = Field(None, ge=2, le=8192)
     optimizer: Literal["adamw", "sgd"] | None = None
-    weight_decay: float | None = Field(None, ge=0.0)
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
     schedule: Literal["onecycle", "cosine", "constant"] | None = None
     crop: int | None = Field(None, ge=32, le=96)
     upscale: int | None = Field(None, ge=32, le=512)
-    pretrained: bool | str | None = None
-    freeze_epochs: int | None = Field(None, ge=0)
+    pretrained: bool | Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    freeze_epochs: int | None = Field(None, ge=0, le=1000)
 
 
 class PredictParams(_Strict):
     tta: Literal[1, 2, 4, 8] = 8  # dihedral views averaged per patch
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=8192)
 
 
 class EnsembleParams(_Strict):
@@ -112,14 +146,14 @@ class EnsembleParams(_Strict):
 
 
 class MetricsParams(_Strict):
-    bootstrap: int = Field(1000, ge=0)  # resamples for the AUC 95 % interval
-    seed: int = 0
+    bootstrap: int = Field(1000, ge=0, le=100_000)  # resamples for the AUC 95 % interval
+    seed: Seed = 0
 
 
 class Params(_Strict):
-    seed: int = 42
-    lr: float = Field(3e-3, gt=0.0)  # top level so `dvc exp run -S lr=1e-3` works; models.<name>.lr overrides
-    backbones: list[str] = ["cnn", "resnet10t"]
+    seed: Seed = 42
+    lr: float = Field(3e-3, gt=0.0, le=10.0)  # top level so `dvc exp run -S lr=1e-3` works; models.<name>.lr overrides
+    backbones: list[str] = Field(["cnn", "resnet10t"], max_length=64)
     data: DataParams = DataParams()
     scan: ScanParams = ScanParams()
     split: SplitParams = SplitParams()
@@ -136,14 +170,13 @@ class Params(_Strict):
         if len(set(self.backbones)) != len(self.backbones):
             raise ValueError("backbones: a name appears twice")
         for name in self.backbones:
-            if not _BACKBONE_RE.match(name) or name == "ensemble":
-                raise ValueError(f"backbones: {name!r} is not a usable name")
+            check_backbone_name(name)
         unknown = [n for n in self.backbones if n != "cnn" and not _timm_has(n)]
         if unknown:
             raise ValueError(f"backbones: unknown backbone {unknown[0]!r} (any timm model name, or 'cnn')")
         for name in self.models:
             if name not in self.backbones:
-                raise ValueError(f"models.{name}: not in backbones {self.backbones}")
+                raise ValueError(f"models: {excerpt(name)} is not in backbones {self.backbones}")
         return self
 
     def for_backbone(self, name: str) -> tuple[float, TrainParams]:
@@ -155,7 +188,13 @@ class Params(_Strict):
         return over.lr or self.lr, self.train.model_copy(update=changes)
 
 
-_BACKBONE_RE = __import__("re").compile(r"^[A-Za-z0-9_.-]+$")
+def check_backbone_name(name: str) -> str:
+    """One safe path component and command-line word, or ValueError naming it (see BACKBONE_RE)."""
+    if not isinstance(name, str) or not BACKBONE_RE.match(name) or ".." in name or name == "ensemble":
+        raise ValueError(f"backbones: {excerpt(name)} is not a usable name (letters, digits, '_', '-', '.'; a timm model name or cnn)")
+    return name
+
+
 
 
 def _timm_has(name: str) -> bool:
@@ -164,12 +203,14 @@ def _timm_has(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
+def _format_error(path: Path | str, err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    # union members add their type tag to the location ("constrained-float"): keep the keys alone
+    key = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or re.fullmatch(r"\w+", str(p))) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
-    if key == "(top level)" and ": " in msg:  # cross-field checks name their key in the message
-        key, msg = msg.split(": ", 1)
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", head):  # cross-field checks name their key in the message
+        key, msg = head, rest
     problem = "unknown key" if first["type"] == "extra_forbidden" else msg
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{path}: {key}: {problem}{more}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ import yaml
 from hcd.errors import HcdError
 from hcd.params import Params, lookup
 
+PARAMS_FILE = "params.yaml"
+CHECKED = "data/check/params.json"  # written by the check stage; every other stage depends on it
 RAW = "data/raw/hcd.zip"
 PACKED = "data/packed"
 SCAN = "data/scan"
@@ -98,16 +100,33 @@ class Stage:
         return d
 
 
+# The modules whose code decides a model's weights: the train stage depends on them, and a
+# training checkpoint's run key (hcd.checkpoint) hashes them.
+TRAIN_CODE = ("train", "checkpoint", "models", "augment", "data", "packed", "env")
+
+
 def _code(*modules: str) -> tuple[str, ...]:
     return tuple(f"hcd/{m}.py" for m in modules)
 
 
-STAGES: tuple[Stage, ...] = (
+def _gated(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """Every stage after ``check`` depends on its marker: a bad params value stops the run before any of them."""
+    return tuple(s if s.name == "check" else replace(s, deps=(CHECKED, *s.deps)) for s in stages)
+
+
+STAGES: tuple[Stage, ...] = _gated((
+    Stage(
+        name="check",
+        script="workflow/scripts/check.py",
+        args=(PARAMS_FILE, "--out", CHECKED),
+        deps=(PARAMS_FILE, *_code("check", "params", "errors")),
+        outs=(CHECKED,),
+    ),
     Stage(
         name="download",
         script="workflow/scripts/download.py",
         args=("--out", RAW),
-        deps=_code("download", "synth", "source", "tiff"),
+        deps=_code("download", "synth", "source", "tiff", "env", "redact"),
         outs=(RAW,),
         params=("data",),
     ),
@@ -115,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
         name="scan",
         script="workflow/scripts/scan.py",
         args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
-        deps=(RAW, *_code("scan", "source", "tiff", "packed")),
+        deps=(RAW, *_code("scan", "source", "tiff", "packed", "env")),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
         metrics=(f"{METRICS}/scan.json",),
         params=("scan",),
@@ -140,7 +159,7 @@ STAGES: tuple[Stage, ...] = (
         name="train",
         script="workflow/scripts/train.py",
         args=(ITEM, "--packed", f"{PACKED}/train_x.npy", "--index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--stats", STATS, "--out-dir", f"models/{ITEM}", "--live-dir", f"dvclive/{ITEM}"),
-        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *_code("train", "checkpoint", "models", "augment", "data", "packed")),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *_code(*TRAIN_CODE)),
         outs=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         metrics=(f"dvclive/{ITEM}/metrics.json",),
         plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step"}),),
@@ -154,7 +173,7 @@ STAGES: tuple[Stage, ...] = (
         name="predict",
         script="workflow/scripts/predict.py",
         args=(ITEM, "--models", "models", "--packed-dir", PACKED, "--split", f"{SPLIT}/split.csv", "--out", PREDICTIONS),
-        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("predict", "train", "models", "augment", "data", "packed")),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("predict", "train", "models", "augment", "data", "packed", "env")),
         outs=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         params=("predict",),
         per_backbone=True,
@@ -180,7 +199,7 @@ STAGES: tuple[Stage, ...] = (
         params=("backbones", "metrics"),
         dirs=(PLOTS,),
     ),
-)
+))
 
 # Top level of dvc.yaml: what `dvc metrics diff`, `dvc plots diff` and `dvc exp show` read.
 TOP_METRICS = (f"{METRICS}/metrics.json", "benchmarks/results.json")  # results.json: benchmarks/bench_speed.py
@@ -210,8 +229,17 @@ def snakemake_shell(stage: Stage) -> str:
     return stage.cmd.replace(ITEM, "{wildcards.backbone}")
 
 
-def snakemake_inputs(stage: Stage, backbones: list[str]) -> list[str]:
-    return [wildcard(i) for i in stage.inputs] + [g.replace(ITEM, b) for g in stage.gather for b in backbones]
+def snakemake_inputs(stage: Stage, backbones: list[str], root: Path = Path(".")) -> list[str]:
+    """Inputs as Snakemake patterns. A source folder (``data/groups``) is listed file by file:
+    Snakemake sees a folder's own mtime only, so an in-place edit of a file inside would go unnoticed
+    (DVC hashes the folder's content)."""
+    out: list[str] = []
+    for i in stage.inputs:
+        if i == GROUPS_DIR:
+            out += sorted(str(p.relative_to(root)) for p in (root / i).rglob("*") if p.is_file())
+        else:
+            out.append(wildcard(i))
+    return out + [g.replace(ITEM, b) for g in stage.gather for b in backbones]
 
 
 def snakemake_outputs(stage: Stage) -> list[Any]:

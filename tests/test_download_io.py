@@ -80,7 +80,7 @@ def test_kaggle_key_never_appears_in_the_error(tmp_path, monkeypatch):
     [
         ("data:\n  source: kagle\n", "data.source: Input should be"),
         ("scan:\n  dark_mx: 3\n", "scan.dark_mx: unknown key"),
-        ("data:\n  source: zip\n", "data.path must name the archive"),
+        ("data:\n  source: zip\n", "data.path: must name the archive"),
         ("split: [1, 2\n", "not valid YAML"),
     ],
 )
