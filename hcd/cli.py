@@ -15,12 +15,15 @@ and exits 2; nothing it had produced before is touched.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from hcd.errors import HcdError
 
 STAGE_MODULES = {
+    "check": "hcd.check",
     "download": "hcd.download",
     "scan": "hcd.scan",
     "split": "hcd.split",
@@ -32,20 +35,44 @@ STAGE_MODULES = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Snakemake and `kill` send): unwinds like Ctrl-C, so temporaries are removed."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str] | None = None) -> None:
-    """Call a stage's ``main`` and turn user-fixable failures into one line and exit code 2."""
+    """Call a stage's ``main`` and turn user-fixable failures into one line and exit code 2.
+
+    SIGTERM is handled like SIGINT: the stage unwinds, every temporary it was
+    writing is removed and earlier outputs stay as they were (exit 143). Each
+    start also sweeps temporaries left by killed processes (:func:`hcd.io.sweep_dead_temps`).
+    """
+    from hcd.io import public_name, replay_journals, sweep_dead_temps
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if name in STAGE_MODULES:
+            from hcd.runlock import claim
+
+            claim(name)  # one runner (dvc or snakemake) per checkout at a time
+            replay_journals()  # a commit killed among its renames is finished first...
+            sweep_dead_temps()  # ...then temporaries of killed processes go
         fn(argv)
     except HcdError as err:
         print(f"hcd {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except OSError as err:  # disk full, permissions, ...: name the file, no traceback
-        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+    except OSError as err:  # disk full, permissions, ...: name the output (not its hidden temporary), no traceback
+        where = f"{public_name(err.filename)}: " if getattr(err, "filename", None) else ""
         print(f"hcd {name}: error: {where}{err.strerror or err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"hcd {name}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print(f"hcd {name}: {'terminated (SIGTERM)' if term else 'interrupted'}; outputs left as they were", file=sys.stderr)
+        raise SystemExit(143 if term else 130) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ tensor ops on the whole batch, on the model's device.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hcd import env
 from hcd.augment import AugmentConfig, augment_batch, crop_batch
 
-IN_MEMORY_LIMIT = int(os.environ.get("HCD_IN_MEMORY_BYTES", 4 * 2**30))  # load the rows if smaller
-GPU_FRACTION = float(os.environ.get("HCD_GPU_DATA_FRACTION", 0.5))  # of free GPU memory, for resident data
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,9 +81,9 @@ class PackedBatches:
     def _choose(self, nbytes: int) -> str:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            if nbytes <= GPU_FRACTION * free:
+            if nbytes <= env.gpu_data_fraction() * free:  # of free GPU memory, for resident data
                 return "device"
-        return "host" if nbytes <= IN_MEMORY_LIMIT else "stream"
+        return "host" if nbytes <= env.in_memory_bytes() else "stream"  # load the rows if smaller
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -119,7 +117,7 @@ class PackedBatches:
 
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA, then Apple MPS, then CPU (``HCD_DEVICE`` overrides)."""
-    name = requested or os.environ.get("HCD_DEVICE")
+    name = requested or env.env_device()
     if name:
         return torch.device(name)
     if torch.cuda.is_available():
@@ -138,7 +136,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 def set_threads() -> int:
     """Use every core this process may run on (cgroup/affinity aware), once."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = int(os.environ.get("HCD_THREADS", n))
-    torch.set_num_threads(max(1, n))
+    n = env.threads()
+    torch.set_num_threads(n)
     return n

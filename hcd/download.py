@@ -34,6 +34,7 @@ from hcd.params import DataParams, load_params
 from hcd.source import DirSource, ZipSource
 
 KAGGLE_RULES = "https://www.kaggle.com/competitions/{c}/rules"
+KAGGLE_TMP_PREFIX = ".kaggle-download-"  # the client's scratch folder beside the output; removed on every start
 _FIXED_DATE = (2019, 1, 1, 0, 0, 0)
 
 
@@ -78,9 +79,21 @@ def _has_kaggle_credentials() -> bool:
 
 
 def from_kaggle(competition: str, dest: Path) -> None:
-    """Download the competition archive with the official client."""
+    """Download the competition archive with the official client.
+
+    Everything the client prints — its progress bar, and with ``VERBOSE=1`` or
+    debug logging its request headers — passes through :func:`hcd.redact.redacted_output`,
+    so no credential reaches the terminal or a log, whatever the environment.
+    """
     if not _has_kaggle_credentials():
         raise HcdError("kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN")
+    from hcd.redact import Redactor, kaggle_secrets, redacted_output
+
+    with redacted_output(Redactor(kaggle_secrets())):
+        _kaggle_download(competition, dest)
+
+
+def _kaggle_download(competition: str, dest: Path) -> None:
     quiet = io.StringIO()
     try:  # the client prints help and calls exit() when authentication fails: keep it quiet
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -90,7 +103,7 @@ def from_kaggle(competition: str, dest: Path) -> None:
             api.authenticate()
     except (SystemExit, Exception):
         raise HcdError("kaggle: the credentials in ~/.kaggle or the environment were not accepted — create a new token at https://www.kaggle.com/settings/api") from None
-    tmpdir = Path(tempfile.mkdtemp(prefix=".kaggle-", dir=dest.parent))
+    tmpdir = Path(tempfile.mkdtemp(prefix=KAGGLE_TMP_PREFIX, dir=dest.parent))
     try:
         try:
             with contextlib.redirect_stdout(sys.stderr):
@@ -118,6 +131,8 @@ def download(data: DataParams, dest: str | os.PathLike[str], log=print) -> None:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(dest)
+    for stale in dest.parent.glob(KAGGLE_TMP_PREFIX + "*"):  # a download killed by a signal hcd could not catch
+        shutil.rmtree(stale, ignore_errors=True)
     if data.source == "demo":
         from hcd.synth import write_archive
 

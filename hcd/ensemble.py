@@ -25,7 +25,7 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 from hcd.io import Commit, clean_stale_temps
 from hcd.params import load_params
 
@@ -53,7 +53,7 @@ def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, s
 def validate_submission(sub: pd.DataFrame, expected_ids: list[str], where: str) -> None:
     """One-line error unless ``sub`` is exactly what Kaggle takes."""
     if list(sub.columns) != ["id", "label"]:
-        raise HcdError(f"{where}: header must be 'id,label', found '{','.join(map(str, sub.columns))}'")
+        raise HcdError(f"{where}: header must be 'id,label', found {excerpt(','.join(map(str, sub.columns)))}")
     ids = sub["id"].tolist()
     if ids != expected_ids:
         missing = set(expected_ids) - set(ids)

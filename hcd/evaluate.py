@@ -13,6 +13,7 @@ confusion-matrix data under ``plots/`` (top-level DVC plots).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 from hcd.io import Commit, clean_stale_temps
 from hcd.params import load_params
 
@@ -109,21 +110,67 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
     return out
 
 
-def score_submission(submission: Path, labels: Path, n_boot: int = 1000) -> dict:
-    """AUC of a submission against a labels CSV (id,label): ids must match exactly."""
+MAX_TABLE_BYTES = 256 * 2**20  # Kaggle's test set is 57,458 rows (~3 MB); far larger is not a submission
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV of strings, or one line naming the file and what is wrong with it."""
     try:
-        sub = pd.read_csv(submission, dtype={"id": str})
-        lab = pd.read_csv(labels, dtype={"id": str})
-    except FileNotFoundError as exc:
-        raise HcdError(f"{exc.filename}: not found") from None
-    for path, frame in ((submission, sub), (labels, lab)):
-        if not {"id", "label"} <= set(frame.columns):
-            raise HcdError(f"{path}: expected columns id,label")
-    merged = lab.merge(sub, on="id", how="left", suffixes=("_true", "_pred"))
-    if merged["label_pred"].isna().any():
-        missing = merged.loc[merged["label_pred"].isna(), "id"]
-        raise HcdError(f"{submission}: no prediction for {len(missing)} labelled ids (first: {missing.iloc[0]})")
-    return score(merged["label_true"].to_numpy().astype(int), merged["label_pred"].to_numpy().astype(float), n_boot, 0)
+        if path.stat().st_size > MAX_TABLE_BYTES:
+            raise HcdError(f"{path}: {path.stat().st_size:,} bytes, larger than a submission or labels file can be; refused")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise HcdError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise HcdError(f"{path}: a folder, not a CSV file") from None
+    if data.startswith(b"PK\x03\x04"):
+        raise HcdError(f"{path}: a zip archive, not a CSV (extract the CSV from it first)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise HcdError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise HcdError(f"{path}: empty file")
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise HcdError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if "id" not in frame.columns:
+        raise HcdError(f"{path}: no 'id' column (found {excerpt(','.join(frame.columns))})")
+    frame["id"] = frame["id"].str.strip()
+    dup = frame["id"].duplicated()
+    if dup.any():
+        raise HcdError(f"{path}: id {excerpt(frame.loc[dup, 'id'].iloc[0])} appears {int((frame['id'] == frame.loc[dup, 'id'].iloc[0]).sum())} times; each id once")
+    return frame
+
+
+def _column(frame: pd.DataFrame, path: Path, names: tuple[str, ...]) -> str:
+    for name in names:
+        if name in frame.columns:
+            return name
+    raise HcdError(f"{path}: expected a column {' or '.join(repr(n) for n in names)} beside id (found {excerpt(','.join(frame.columns))})")
+
+
+def score_submission(submission: Path, labels: Path, n_boot: int = 1000) -> dict:
+    """AUC of a submission (``id,label``, or a backbone's ``id,prob``) against a labels CSV (``id,label``, 0/1)."""
+    lab, sub = read_table(labels), read_table(submission)
+    y_col, p_col = _column(lab, labels, ("label",)), _column(sub, submission, ("label", "prob"))
+    y = lab[y_col].str.strip()
+    bad = ~y.isin(["0", "1"])
+    if bad.any():
+        raise HcdError(f"{labels}: label {excerpt(y[bad].iloc[0])} of id {excerpt(lab['id'][bad].iloc[0])} is not 0 or 1")
+    p = pd.to_numeric(sub[p_col], errors="coerce")
+    bad = ~np.isfinite(p.to_numpy(dtype=float))
+    if bad.any():
+        raise HcdError(f"{submission}: {p_col} {excerpt(sub[p_col][bad].iloc[0])} of id {excerpt(sub['id'][bad].iloc[0])} is not a finite number")
+    merged = pd.DataFrame({"id": lab["id"], "y": y.astype(int)}).merge(pd.DataFrame({"id": sub["id"], "p": p}), on="id", how="left")
+    if merged["p"].isna().any():
+        missing = merged.loc[merged["p"].isna(), "id"]
+        raise HcdError(f"{submission}: no prediction for {len(missing)} labelled ids (first: {excerpt(missing.iloc[0])})")
+    if merged["y"].nunique() != 2:
+        raise HcdError(f"{labels}: every label is {int(merged['y'].iloc[0])}; AUC needs both classes")
+    return score(merged["y"].to_numpy(), merged["p"].to_numpy(dtype=float), n_boot, 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,10 +187,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def score_main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="hcd score", description="score a submission against labels: AUC with a bootstrap 95 % interval")
-    ap.add_argument("submission")
-    ap.add_argument("labels")
-    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap = argparse.ArgumentParser(prog="hcd score", description="score predictions against labels: AUC with a bootstrap 95 %% interval")
+    ap.add_argument("submission", help="a submission (id,label) or a backbone's predictions (id,prob), e.g. results/submission.csv or predictions/cnn/test.csv")
+    ap.add_argument("labels", help="a CSV id,label with labels 0 or 1")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% interval (default 1000; 0: none)")
     args = ap.parse_args(argv)
     m = score_submission(Path(args.submission), Path(args.labels), args.bootstrap)
     print(f"AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f}), log loss {m['log_loss']:.4f}, accuracy@0.5 {m['at_0.5']['accuracy']:.4f}, n={m['n']}")

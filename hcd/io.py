@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ import pandas as pd
 from hcd.errors import HcdError
 
 TMP_MARK = ".tmp-"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?:old-)?(?P<pid>\d+)-[0-9a-f]{8}$")
+OUTPUT_ROOTS = ("data", "models", "predictions", "results", "metrics", "plots", "dvclive")  # where stages write
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,7 +63,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(dest.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise HcdError(f"{dest}: could not write ({exc.strerror or exc}); previous file left as it was") from exc
+        raise HcdError(f"{dest}: could not write ({exc.strerror or type(exc).__name__}); previous file left as it was") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -101,7 +104,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise HcdError(f"{dest}: could not write ({exc.strerror or exc}); previous folder left as it was") from exc
+        raise HcdError(f"{dest}: could not write ({exc.strerror or type(exc).__name__}); previous folder left as it was") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,6 +121,56 @@ def clean_stale_temps(*dests: str | os.PathLike[str]) -> None:
                     stale.unlink(missing_ok=True)
 
 
+def public_name(path: str | os.PathLike[str]) -> str:
+    """The output a temporary stands for (``data/packed/.train_x.npy.tmp-12-ab12cd34`` -> ``data/packed/train_x.npy``)."""
+    p = Path(path)
+    m = _TMP_RE.match(p.name)
+    return str(p.with_name(m.group("name"))) if m else str(path)
+
+
+def sweep_dead_temps(root: str | os.PathLike[str] = ".") -> list[Path]:
+    """Remove temporaries under the output folders whose writing process is gone.
+
+    A stage killed by a signal it cannot catch (SIGKILL, power loss) leaves its
+    temporaries; its own next run removes them, but an engine may never rerun it
+    (DVC restores the outputs from its cache instead). So every stage start sweeps
+    temporaries of dead processes from every output folder. A live process's
+    temporaries (a training running beside this one) are left alone.
+    """
+    removed = []
+    for top in OUTPUT_ROOTS:
+        base = Path(root) / top
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in [*filenames, *dirnames]:
+                m = _TMP_RE.match(name)
+                if m and not _alive(int(m.group("pid"))):
+                    stale = Path(dirpath) / name
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+                    removed.append(stale)
+            dirnames[:] = [d for d in dirnames if not _TMP_RE.match(d)]
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+JOURNAL_DIR = ".hcd/journal"  # pending renames of a Commit, replayed by the next stage start
+
+
 class Commit:
     """A stage's outputs, renamed into place together once every one is written.
 
@@ -126,29 +179,134 @@ class Commit:
     error are they all renamed onto their destinations (renames need no disk
     space). A failure anywhere — disk full, a bad value, a kill — leaves every
     previous output as it was, not a mix of old and new.
+
+    The renames themselves take a moment, and a ``kill -9`` among them would
+    leave new and old outputs mixed. So before the first rename the list of
+    renames goes to a journal (``.hcd/journal/<pid>-<random>.json``, written
+    atomically), and it is deleted after the last. The next stage start — any
+    stage, under either engine — replays a journal left by a dead process
+    (:func:`replay_journals`), so the set always ends all new. The engines never
+    take the mix as finished meanwhile: DVC records a stage in ``dvc.lock`` only
+    after its command exits 0, and Snakemake keeps a killed job's outputs marked
+    incomplete and reruns it.
     """
 
-    def __init__(self) -> None:
-        self._stack = contextlib.ExitStack()
+    def __init__(self, journal_dir: str | os.PathLike[str] = JOURNAL_DIR) -> None:
+        self._items: list[tuple[Path, Path, bool]] = []  # (temporary, destination, is a folder)
+        self._journal_dir = Path(journal_dir)
 
     def __enter__(self) -> Commit:
-        self._stack.__enter__()
         return self
 
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self._stack.__exit__(*exc)
-
     def path(self, dest: str | os.PathLike[str]) -> Path:
-        return self._stack.enter_context(atomic_path(dest))
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(dest)
+        self._items.append((tmp, dest, False))
+        return tmp
 
     def dir(self, dest: str | os.PathLike[str]) -> Path:
-        return self._stack.enter_context(atomic_dir(dest))
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(dest)
+        tmp.mkdir()
+        self._items.append((tmp, dest, True))
+        return tmp
 
     def json(self, dest: str | os.PathLike[str], obj: Any) -> None:
         _write_json(self.path(dest), obj)
 
     def csv(self, dest: str | os.PathLike[str], frame: pd.DataFrame) -> None:
         _write_csv(self.path(dest), frame)
+
+    def _discard(self) -> None:
+        for tmp, _, is_dir in self._items:
+            if is_dir:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+    def _blame(self, exc: OSError) -> tuple[Path, bool]:
+        """The output an OSError belongs to: the one whose temporary it names, else the last one begun."""
+        name = Path(exc.filename) if getattr(exc, "filename", None) else None
+        for tmp, dest, is_dir in reversed(self._items):
+            if name is not None and (name == tmp or tmp in name.parents):
+                return dest, is_dir
+        return (self._items[-1][1], self._items[-1][2]) if self._items else (Path("."), False)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        if exc_type is not None:
+            self._discard()
+            if isinstance(exc, OSError):
+                dest, is_dir = self._blame(exc)
+                raise HcdError(f"{dest}: could not write ({exc.strerror or type(exc).__name__}); previous {'folder' if is_dir else 'file'} left as it was") from exc
+            return None
+        try:
+            for tmp, dest, is_dir in self._items:
+                if not tmp.exists():
+                    raise HcdError(f"{dest}: nothing was written")
+                for f in (tmp.rglob("*") if is_dir else [tmp]):
+                    if f.is_file():
+                        with open(f, "rb+") as fh:
+                            os.fsync(fh.fileno())
+            journal = self._write_journal() if len(self._items) > 1 else None
+        except OSError as err:
+            self._discard()
+            dest, is_dir = self._blame(err)
+            raise HcdError(f"{dest}: could not write ({err.strerror or type(err).__name__}); previous {'folder' if is_dir else 'file'} left as it was") from err
+        except BaseException:
+            self._discard()
+            raise
+        _apply(self._items)
+        if journal is not None:
+            journal.unlink(missing_ok=True)
+        return None
+
+    def _write_journal(self) -> Path:
+        entries = [{"tmp": str(t.resolve()), "dest": str(d.resolve()), "dir": is_dir} for t, d, is_dir in self._items]
+        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        path = self._journal_dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
+        with atomic_path(path) as tmp:
+            _write_json(tmp, {"pid": os.getpid(), "renames": entries})
+        return path
+
+
+def _apply(items: list[tuple[Path, Path, bool]]) -> None:
+    """Rename each temporary onto its destination; one already renamed (its temporary gone) is skipped."""
+    for tmp, dest, is_dir in items:
+        if not os.path.lexists(tmp):
+            continue
+        if is_dir:
+            old = _temp_name(dest, "old-")
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    for parent in {d.parent for _, d, _ in items}:
+        _fsync_dir(parent)
+
+
+def replay_journals(journal_dir: str | os.PathLike[str] = JOURNAL_DIR) -> list[Path]:
+    """Finish the renames of commits whose process died among them (see :class:`Commit`)."""
+    done = []
+    base = Path(journal_dir)
+    if not base.is_dir():
+        return done
+    for journal in sorted(base.glob("*.json")):
+        try:
+            data = json.loads(journal.read_text())
+            pid = int(data["pid"])
+            items = [(Path(e["tmp"]), Path(e["dest"]), bool(e["dir"])) for e in data["renames"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written right now (atomically) or not ours: leave it
+        if _alive(pid):
+            continue  # that commit is still renaming
+        _apply(items)
+        journal.unlink(missing_ok=True)
+        done.append(journal)
+    return done
 
 
 def _write_json(path: Path, obj: Any) -> None:

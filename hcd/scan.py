@@ -26,6 +26,7 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hcd.errors import HcdError
+from hcd import env
+from hcd.errors import HcdError, excerpt
 from hcd.io import Commit, clean_stale_temps
 from hcd.packed import PackWriter, read_row
 from hcd.params import ScanParams, load_params
@@ -82,6 +84,10 @@ class ScanOutputs:
 
 
 # ----------------------------------------------------------------------------- tables
+MAX_LINE = 1024  # an id,label row is ~43 characters; a table is read whole only within this (and hcd.source's size cap)
+_LONG_LINE = re.compile(r"[^\n]{%d}" % (MAX_LINE + 1))
+
+
 def parse_table(data: bytes | None, name: str, archive: str) -> pd.DataFrame:
     """``id,label`` CSV -> DataFrame of stripped strings; one-line error if unusable."""
     where = f"{archive}: {name}"
@@ -93,14 +99,16 @@ def parse_table(data: bytes | None, name: str, archive: str) -> pd.DataFrame:
         raise HcdError(f"{where}: not UTF-8 text") from None
     if not text.strip():
         raise HcdError(f"{where}: empty file")
+    long_line = _LONG_LINE.search(text)
+    if long_line:
+        raise HcdError(f"{where}: line {text.count(chr(10), 0, long_line.start()) + 1} is longer than {MAX_LINE} characters; not an id,label table")
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, ValueError) as exc:
         raise HcdError(f"{where}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if "id" not in frame.columns or "label" not in frame.columns:
-        found = ",".join(frame.columns)[:80]
-        raise HcdError(f"{where}: expected header 'id,label', found '{found}'")
+        raise HcdError(f"{where}: expected header 'id,label', found {excerpt(','.join(frame.columns))}")
     out = frame[["id", "label"]].copy()
     out["id"] = out["id"].str.strip()
     out["label"] = out["label"].str.strip()
@@ -363,16 +371,6 @@ def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOut
     return {"submission_rows": int(len(ids)), "packed": int(len(ids)), "flagged": int((flag_col != "").sum())}
 
 
-def default_workers() -> int:
-    env = os.environ.get("HCD_WORKERS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise HcdError(f"HCD_WORKERS={env!r}: expected a whole number") from None
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="scan", description=__doc__.splitlines()[0])
     ap.add_argument("archive", help="Kaggle-layout zip archive or folder")
@@ -385,4 +383,4 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     pd_ = Path(args.packed_dir)
     outs = ScanOutputs(Path(args.report), Path(args.summary), pd_ / "train_x.npy", pd_ / "train_index.csv", pd_ / "test_x.npy", pd_ / "test_index.csv")
-    scan(args.archive, outs, p.scan, workers=args.workers or default_workers(), log=lambda m: print(m, file=sys.stderr))
+    scan(args.archive, outs, p.scan, workers=args.workers or env.workers(), log=lambda m: print(m, file=sys.stderr))

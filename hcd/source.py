@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 import zipfile
 import zlib
@@ -37,6 +38,7 @@ except ImportError:  # pragma: no cover - isal is a declared dependency
 
 ID_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_MEMBER_BYTES = 8 * 1024 * 1024  # a 96x96 patch is ~28 KB; larger is refused unread (zip bomb)
+MAX_META_BYTES = 64 * 1024 * 1024  # Kaggle's train_labels.csv is 9.5 MB; a larger table is refused (memory bomb)
 _LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 # what zipfile raises on a damaged member: bad headers, names that are not UTF-8, unsupported or encrypted entries
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
@@ -137,11 +139,15 @@ class ZipSource:
         info = self._by_name.get(self.root + name)
         if info is None:
             return None
-        if info.file_size > 512 * 1024 * 1024:
-            raise HcdError(f"{self.label}: {name} declares {info.file_size:,} bytes, refused")
+        if info.file_size > MAX_META_BYTES:
+            raise HcdError(f"{self.label}: {name} declares {info.file_size:,} bytes, larger than the {MAX_META_BYTES // 2**20} MiB a Kaggle table can be; refused")
         try:
             zf = self._zf or zipfile.ZipFile(self.path)
-            return zf.read(info)
+            with zf.open(info) as fh:  # read at most the limit: a member that lies about its size is cut off
+                data = fh.read(MAX_META_BYTES + 1)
+            if len(data) > MAX_META_BYTES:
+                raise HcdError(f"{self.label}: {name} inflates past {MAX_META_BYTES // 2**20} MiB; refused")
+            return data
         except _ZIP_ERRORS as exc:
             raise HcdError(f"{self.label}: {name} cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
 
@@ -208,24 +214,39 @@ class ZipSource:
 
 
 class DirSource:
-    """An extracted Kaggle-layout folder."""
+    """An extracted Kaggle-layout folder.
+
+    Only regular files are read, never through a link: a symbolic link anywhere
+    inside the folder (a labels file pointing at someone's credentials, a
+    ``train/`` that is a link elsewhere) stops the scan with one line naming it,
+    and a FIFO, socket or device named ``<id>.tif`` is flagged, never opened (a
+    FIFO would block the scan forever).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.label = str(self.path)
         if not self.path.is_dir():
             raise HcdError(f"{self.label}: folder not found")
-        names: list[str] = [f for f in ("train_labels.csv", "sample_submission.csv") if (self.path / f).is_file()]
+        names: list[str] = [f for f in ("train_labels.csv", "sample_submission.csv") if _lexists(self.path / f)]
         if not names:
-            subs = [p for p in self.path.iterdir() if p.is_dir() and (p / "train_labels.csv").is_file()]
+            subs = [p for p in self.path.iterdir() if _real_dir(p) and _lexists(p / "train_labels.csv")]
             if len(subs) == 1:
                 self.path = subs[0]
-                names = [f for f in ("train_labels.csv", "sample_submission.csv") if (self.path / f).is_file()]
+                names = [f for f in ("train_labels.csv", "sample_submission.csv") if _lexists(self.path / f)]
+        for name in names:
+            _refuse_link(self.path / name)
         for split in ("train", "test"):
             d = self.path / split
-            if d.is_dir():
+            if _lexists(d):
+                _refuse_link(d)
+            if _real_dir(d):
                 with os.scandir(d) as it:
-                    names.extend(f"{split}/{e.name}" for e in it if not e.is_dir(follow_symlinks=False))
+                    for e in it:
+                        if e.is_symlink():
+                            _refuse_link(Path(e.path))
+                        if not e.is_dir(follow_symlinks=False):
+                            names.append(f"{split}/{e.name}")
         self.root, train, test, self._odd = _classify(names, self.label)
         self._train = {k: (names[v],) for k, v in train.items()}
         self._test = {k: (names[v],) for k, v in test.items()}
@@ -235,22 +256,57 @@ class DirSource:
 
     def read_meta(self, name: str) -> bytes | None:
         p = self.path / name
-        return p.read_bytes() if p.is_file() else None
+        if not _lexists(p):
+            return None
+        _refuse_link(p)
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise HcdError(f"{p}: not a regular file")
+        if st.st_size > MAX_META_BYTES:
+            raise HcdError(f"{p}: {st.st_size:,} bytes, larger than the {MAX_META_BYTES // 2**20} MiB a Kaggle table can be; refused")
+        return p.read_bytes()
 
     def read(self, ref: Ref) -> bytes:
         p = self.path / ref[0]
-        if p.is_symlink():
-            raise PatchError("undecodable", "symbolic link, not read")
         try:
-            size = p.stat().st_size
-            if size > MAX_MEMBER_BYTES:
-                raise PatchError("undecodable", f"file is {size:,} bytes, refused unread")
-            return p.read_bytes()
+            st = p.lstat()
         except OSError as exc:
             raise PatchError("undecodable", f"cannot be read ({exc.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise PatchError("undecodable", "symbolic link, not read")
+        if not stat.S_ISREG(st.st_mode):
+            raise PatchError("undecodable", "not a regular file (FIFO, socket or device), not read")
+        if st.st_size > MAX_MEMBER_BYTES:
+            raise PatchError("undecodable", f"file is {st.st_size:,} bytes, refused unread")
+        try:  # O_NOFOLLOW | O_NONBLOCK: a file swapped for a link or a FIFO since the lstat still cannot block or escape
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise PatchError("undecodable", f"cannot be read ({exc.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PatchError("undecodable", "not a regular file, not read")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read(MAX_MEMBER_BYTES + 1)
+        except OSError as exc:
+            raise PatchError("undecodable", f"cannot be read ({exc.strerror})") from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass
+
+
+def _lexists(p: Path) -> bool:
+    return os.path.lexists(p)
+
+
+def _real_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink()
+
+
+def _refuse_link(p: Path) -> None:
+    if p.is_symlink():
+        raise HcdError(f"{p}: a symbolic link; hcd reads no links in a folder source (copy the file itself in)")
 
 
 def open_source(path: str | os.PathLike[str]) -> ZipSource | DirSource:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 from hcd.io import Commit, clean_stale_temps
 from hcd.params import SplitParams, load_params
 
@@ -49,9 +49,9 @@ def read_groups(path: str | Path, ids: pd.Series) -> np.ndarray:
         raise HcdError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     groups.columns = [c.strip().lower() for c in groups.columns]
     if not {"id", "group"} <= set(groups.columns):
-        raise HcdError(f"{path}: expected header 'id,group', found '{','.join(groups.columns)[:80]}'")
+        raise HcdError(f"{path}: expected header 'id,group', found {excerpt(','.join(groups.columns))}")
     if groups["id"].duplicated().any():
-        raise HcdError(f"{path}: id {groups.loc[groups['id'].duplicated(), 'id'].iloc[0]} appears twice")
+        raise HcdError(f"{path}: id {excerpt(groups.loc[groups['id'].duplicated(), 'id'].iloc[0])} appears twice")
     mapping = groups.set_index("id")["group"]
     got = ids.map(mapping)
     if got.isna().any():
@@ -59,15 +59,21 @@ def read_groups(path: str | Path, ids: pd.Series) -> np.ndarray:
     return got.to_numpy()
 
 
-def split(index: pd.DataFrame, p: SplitParams, groups: np.ndarray | None = None) -> np.ndarray:
-    """Boolean mask: True for validation rows."""
+def split(index: pd.DataFrame, p: SplitParams, groups: np.ndarray | None = None, warn=print) -> np.ndarray:
+    """Boolean mask: True for validation rows. Refuses a split that cannot be honest (see :func:`check_honest`)."""
     y = index["label"].to_numpy()
     n = len(index)
     if n < 4 or min(np.bincount(y, minlength=2)) < 2:
         raise HcdError(f"split: need at least 2 patches of each class, found {np.bincount(y, minlength=2).tolist()}")
     val = np.zeros(n, dtype=bool)
     if groups is None:
-        _, val_idx = train_test_split(np.arange(n), test_size=p.val_fraction, stratify=y, random_state=p.seed)
+        n_val = int(np.ceil(p.val_fraction * n))
+        if n_val < 2 or n - n_val < 2:
+            raise HcdError(f"split: split.val_fraction {p.val_fraction} of {n} patches leaves {n_val} for validation and {n - n_val} for training; each side needs at least 2")
+        try:
+            _, val_idx = train_test_split(np.arange(n), test_size=p.val_fraction, stratify=y, random_state=p.seed)
+        except ValueError as exc:  # too few patches of a class for the fraction asked
+            raise HcdError(f"split: cannot split {n} patches ({int(y.sum())} positive) with split.val_fraction {p.val_fraction} ({str(exc).splitlines()[0]})") from None
     else:
         n_groups = len(np.unique(groups))
         k = int(round(1.0 / p.val_fraction))
@@ -77,7 +83,40 @@ def split(index: pd.DataFrame, p: SplitParams, groups: np.ndarray | None = None)
         folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=p.seed)
         _, val_idx = next(folds.split(np.zeros(n), y, groups))
     val[val_idx] = True
+    check_honest(y, val, p, groups, warn)
     return val
+
+
+def check_honest(y: np.ndarray, val: np.ndarray, p: SplitParams, groups: np.ndarray | None, warn=print) -> None:
+    """Refuse a side holding one class, or a grouped split far from ``val_fraction``; warn when groups track the label."""
+    for side, mask in (("validation", val), ("training", ~val)):
+        pos = int(y[mask].sum())
+        if mask.sum() == 0 or pos == 0 or pos == mask.sum():
+            how = f" by the groups in {p.groups}" if groups is not None else ""
+            raise HcdError(f"split: the {side} side{how} holds {int(mask.sum()) - pos} negative and {pos} positive patches; AUC needs both classes (use more groups, or other split.* params)")
+    if groups is None:
+        return
+    n_groups = len(np.unique(groups))
+    got = float(val.mean())
+    if got > 2 * p.val_fraction + 0.02 or got < p.val_fraction / 2:
+        need = int(np.ceil(1 / p.val_fraction))
+        raise HcdError(f"split: {n_groups} groups in {p.groups} give a validation side of {got:.1%} against split.val_fraction {p.val_fraction}; a grouped split at that fraction needs about {need} groups or more (or set split.val_fraction near {1 / n_groups:.2f})")
+    pos_val, pos_train = float(y[val].mean()), float(y[~val].mean())
+    if abs(pos_val - pos_train) > 0.15:
+        warn(f"split: warning: positive fraction {pos_val:.2f} on the validation side against {pos_train:.2f} on the training side: the groups in {p.groups} track the label, so validation AUC is not comparable to an ungrouped split")
+    explained = label_variance_explained(y, groups)
+    if explained > 0.6:
+        warn(f"split: warning: the groups in {p.groups} explain {explained:.0%} of the label variance (slides of mostly one class): validation AUC will read far lower than an ungrouped split's, and folds may come out unbalanced")
+
+
+def label_variance_explained(y: np.ndarray, groups: np.ndarray) -> float:
+    """Share of the label's variance between groups (eta squared): 1 when each group holds one class."""
+    frame = pd.DataFrame({"g": groups, "y": y.astype(float)})
+    total = float(frame["y"].var(ddof=0))
+    if total == 0:
+        return 0.0
+    means = frame.groupby("g")["y"].transform("mean")
+    return float(((means - frame["y"].mean()) ** 2).mean() / total)
 
 
 def balance(index: pd.DataFrame, val: np.ndarray, groups: np.ndarray | None) -> dict:
@@ -105,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     clean_stale_temps(args.out, args.balance)
     index = read_index(args.index)
     groups = read_groups(p.groups, index["id"]) if p.groups else None
-    val = split(index, p, groups)
+    val = split(index, p, groups, warn=lambda m: print(m, file=sys.stderr))
     frame = index[["row", "id", "label"]].assign(side=np.where(val, "val", "train"))
     bal = balance(index, val, groups)
     with Commit() as commit:

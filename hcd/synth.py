@@ -270,7 +270,7 @@ def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int |
     """
     import multiprocessing as mp
 
-    from hcd.scan import default_workers
+    from hcd.env import workers as default_workers
 
     workers = workers or default_workers()
     t = truth(p)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,16 +35,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from hcd import checkpoint
+from hcd import checkpoint, env
 from hcd.augment import AugmentConfig
 from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads
 from hcd.errors import HcdError
 from hcd.io import Commit, clean_stale_temps, read_json
-from hcd.models import build_model, classifier_params
+from hcd.models import build_model, classifier_params, read_model_meta
 from hcd.packed import open_packed
 from hcd.params import Params, TrainParams, load_params
 
-MAX_STEPS = int(os.environ["HCD_MAX_STEPS"]) if os.environ.get("HCD_MAX_STEPS") else None  # benchmarks and smoke runs
 
 
 def train_steps(
@@ -173,6 +171,7 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 def train(backbone: str, params: Params, packed: Path, index: Path, split: Path, stats: Path, out_dir: Path, live_dir: Path, log=print) -> dict:
     lr, cfg = params.for_backbone(backbone)
     seed = params.seed
+    max_steps = env.max_steps()  # benchmarks and smoke runs
     seed_everything(seed)
     threads = set_threads()
     device = pick_device()
@@ -188,6 +187,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     train_src = PackedBatches(x, idx["row"].to_numpy()[is_train], labels[is_train], device=device)
     val_src = PackedBatches(x, idx["row"].to_numpy()[~is_train], labels[~is_train], device=device)
     y_val = labels[~is_train]
+    check_sides(backbone, cfg, labels[is_train], y_val, split)
 
     model = build_model(backbone, cfg.pretrained).to(device)
     channels_last = device.type == "cuda"
@@ -213,7 +213,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     from dvclive import Live
 
     ckpt_path = out_dir / checkpoint.NAME
-    settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": device.type, "max_steps": MAX_STEPS}
+    settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": checkpoint.device_identity(device), "threads": threads, "max_steps": max_steps}
     key = checkpoint.run_key(settings, packed, [index, split, stats])
     best = {"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}
     history: list[dict] = []
@@ -240,7 +240,9 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
                 for p in model.parameters():
                     p.requires_grad_(not frozen or id(p) in head)
                 try:
-                    total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=MAX_STEPS)
+                    total, seen = train_steps(model, fwd, opt, sched, train_src, prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, epoch, scaler=scaler, pos_weight=pos_weight, epochs=cfg.epochs, max_steps=max_steps)
+                    if seen == 0:  # never write a model that took no step
+                        raise HcdError(f"train {backbone}: epoch {epoch + 1} took no training step ({len(train_src)} patches, batch size {cfg.batch_size}); model not written")
                     p_val = predict_logits(fwd, val_src, prep, device, max(cfg.batch_size, 256))
                 except torch.OutOfMemoryError:
                     raise HcdError(oom_message(f"train {backbone}", device, cfg.batch_size, f"models.{backbone}.batch_size (or train.batch_size)")) from None
@@ -254,8 +256,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
                 history.append(rec)
                 _log_epoch(live, rec)
                 log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {auc:.4f}")
-                # best epoch by validation AUC; by validation loss when the validation side holds one class
-                score = auc if math.isfinite(auc) else -val_loss
+                score = auc  # both classes on the validation side: check_sides
                 if best["state"] is None or score > best["score"]:
                     best = {"auc": auc, "score": score, "epoch": epoch + 1, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
                     bad_epochs = 0
@@ -291,6 +292,17 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     return meta
 
 
+def check_sides(backbone: str, cfg: TrainParams, y_train: np.ndarray, y_val: np.ndarray, split: Path) -> None:
+    """Refuse, before anything is trained or written, data a model cannot honestly learn or be judged on."""
+    key = f"models.{backbone}.batch_size (or train.batch_size)"
+    if len(y_train) < cfg.batch_size:
+        raise HcdError(f"train {backbone}: batch size {cfg.batch_size} is larger than the {len(y_train)} training patches, so no step would be taken; set {key} to {max(2, len(y_train))} or lower")
+    for side, y in (("training", y_train), ("validation", y_val)):
+        counts = np.bincount(y.astype(np.int64), minlength=2)
+        if len(y) == 0 or counts.min() == 0:
+            raise HcdError(f"{split}: the {side} side holds {counts[0]} negative and {counts[1]} positive patches; both classes are needed (rerun split with other split.* params)")
+
+
 def _log_epoch(live, rec: dict) -> None:
     live.log_metric("train/loss", rec["train_loss"])
     live.log_metric("val/loss", rec["val_loss"])
@@ -318,7 +330,7 @@ def load_model(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, 
     """Weights from safetensors (no pickle, so no code can run) plus the metadata JSON."""
     from safetensors.torch import load_file
 
-    meta = read_json(model_dir / "model.json")
+    meta = read_model_meta(model_dir / "model.json")
     model = build_model(meta["backbone"], pretrained=False)
     try:
         state = load_file(str(model_dir / "model.safetensors"))
