@@ -50,7 +50,7 @@ ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KA
 SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1")  # both backbones train at once
 LOGS: list[str] = []  # everything the engines printed, for the credentials test
 MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
-ALL_STAGES = {"download", "scan", "split", "stats"} | MODEL_STAGES
+ALL_STAGES = {"check", "download", "scan", "split", "stats"} | MODEL_STAGES  # check reruns (cheaply) on any params.yaml edit
 
 
 def sh(cwd: Path, *cmd: str, ok: bool = True) -> str:
@@ -146,7 +146,7 @@ def test_exp_run_lr_reruns_only_the_model_stages_and_metrics_diff_shows_it(engin
     dvc_root, _, _, _ = engines
     before = json.loads((dvc_root / "metrics/metrics.json").read_text())
     log = sh(dvc_root, "dvc", "exp", "run", "-S", "lr=0.0005")
-    assert dvc_ran(log) == MODEL_STAGES
+    assert dvc_ran(log) == MODEL_STAGES | {"check"}
     after = json.loads((dvc_root / "metrics/metrics.json").read_text())
     assert after["cnn"]["auc"] != before["cnn"]["auc"]
     diff = sh(dvc_root, "dvc", "metrics", "diff")
@@ -170,7 +170,7 @@ def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     dvc_root, snake_root, _, _ = engines
     for root in (dvc_root, snake_root):
         set_params(root, predict={"tta": 4})
-    expected = {"predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
+    expected = {"check", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
     assert snakemake_would_run(snake_root) == expected
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
     sh(snake_root, "snakemake", *SNAKE_PARALLEL)
@@ -225,7 +225,7 @@ def test_dvc_killed_mid_training_reruns_to_the_same_results(engines, tmp_path):
     _kill_mid_training(root, "dvc", "repro")
     log = sh(root, "dvc", "repro")
     assert "resuming after epoch 1" in log
-    assert {"download", "scan", "split", "stats"}.isdisjoint(dvc_ran(log)), "finished stages ran again"
+    assert {"check", "download", "scan", "split", "stats"}.isdisjoint(dvc_ran(log)), "finished stages ran again"
     assert digests(root) == BASELINE
     assert "up to date" in sh(root, "dvc", "status").lower()
 

@@ -42,7 +42,7 @@ PARAMS = {
     "metrics": {"bootstrap": 20},
 }
 ENV = {**os.environ, "HCD_WORKERS": "2", "HCD_THREADS": "2", "PYTHONDONTWRITEBYTECODE": "1"}
-ORDER = ["download", "scan", "split", "stats", "train@cnn", "predict@cnn", "ensemble", "metrics"]
+ORDER = ["check", "download", "scan", "split", "stats", "train@cnn", "predict@cnn", "ensemble", "metrics"]
 KILLED = ["scan", "split", "stats", "train@cnn", "predict@cnn", "ensemble", "metrics"]
 KILLS_PER_STAGE = int(os.environ.get("HCD_FAULT_KILLS", "3"))
 OUTPUT_ROOTS = ("data", "models", "predictions", "results", "metrics", "plots", "dvclive")
