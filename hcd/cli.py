@@ -1,15 +1,19 @@
-"""The ``hcd`` command: every stage by name, plus pipeline tools.
+"""The hcd command: every stage by name, plus pipeline tools.
 
-    hcd download | scan | split | stats | train | predict | ensemble | metrics ...
-                                               one stage (what the engines run)
-    hcd score SUBMISSION LABELS                AUC (95 % CI) of a submission against id,label
+Usage ("hcd COMMAND --help" for the options of a command):
+
+    hcd check | download | scan | split | stats | train | predict | ensemble | metrics ...
+                                               one stage, as the engines run it
+    hcd score PREDICTIONS LABELS               AUC (95 % CI) of a submission (id,label) or a
+                                               backbone's predictions (id,prob) against id,label
     hcd params apply OVERLAY [--params FILE]   merge a configuration overlay into params.yaml
-    hcd pipeline write|check                   regenerate / verify dvc.yaml
-    hcd demo-truth OUT_DIR                     demo test labels and slide groups
+    hcd params flags OVERLAY [--params FILE]   the overlay as `dvc exp run -S` flags, validated
+    hcd pipeline write|check|show              regenerate / verify / print dvc.yaml
+    hcd demo-truth OUT_DIR [--params FILE]     the demo's test labels and slide groups
 
-A stage that fails on input the user can fix prints one line —
-``hcd scan: error: data/raw/hcd.zip: no train_labels.csv at the top level`` —
-and exits 2; nothing it had produced before is touched.
+A stage that fails on input the user can fix prints one line, for example
+"hcd scan: error: data/raw/hcd.zip: no train_labels.csv at the top level", and
+exits 2; nothing it had produced before is touched.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if name in STAGE_MODULES:
+        asked_help = bool({"-h", "--help"} & set(sys.argv[1:] if argv is None else argv))
+        if name in STAGE_MODULES and not asked_help:  # help writes nothing
             from hcd.runlock import claim
 
             claim(name)  # one runner (dvc or snakemake) per checkout at a time
@@ -73,6 +78,19 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
         term = isinstance(exc, Terminated)
         print(f"hcd {name}: {'terminated (SIGTERM)' if term else 'interrupted'}; outputs left as they were", file=sys.stderr)
         raise SystemExit(143 if term else 130) from None
+
+
+def _demo_truth(argv: list[str] | None) -> None:
+    import argparse
+
+    from hcd.params import load_params
+    from hcd.synth import write_truth
+
+    ap = argparse.ArgumentParser(prog="hcd demo-truth", description="write the demo dataset's test labels (demo_test_labels.csv) and slide groups (demo_slides.csv)")
+    ap.add_argument("out_dir", help="folder to write into, e.g. data/groups")
+    ap.add_argument("--params", default="params.yaml", help="the params whose data.demo settings made the demo (default: params.yaml)")
+    args = ap.parse_args(argv)
+    write_truth(args.out_dir, load_params(args.params).data.demo)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,15 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_stage(pipeline_main, "pipeline", rest)
     elif cmd == "demo-truth":
-        from hcd.params import load_params
-        from hcd.synth import write_truth
-
-        def _truth(a: list[str] | None) -> None:
-            if not a:
-                raise HcdError("usage: hcd demo-truth OUT_DIR [PARAMS]")
-            write_truth(a[0], load_params(a[1] if len(a) > 1 else "params.yaml").data.demo)
-
-        run_stage(_truth, "demo-truth", rest)
+        run_stage(_demo_truth, "demo-truth", rest)
     else:
         print(f"hcd: unknown command {cmd!r} (try: hcd --help)", file=sys.stderr)
         raise SystemExit(2)
