@@ -76,6 +76,26 @@ def make_archive(path: Path, train: dict[str, bytes], labels: str | bytes, test:
     return path
 
 
+def training_arrays(root: Path, n: int, learnable: bool = False) -> Path:
+    """A packed array of ``n`` random patches (labels alternate), its index, a split (every third row
+    validation: both classes on each side) and stats: the inputs of the train stage, made by hand."""
+    import json
+
+    import pandas as pd
+
+    x = np.random.default_rng(0).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    y = (np.arange(n) % 2).astype(int)
+    if learnable:
+        x[y == 1, 40:56, 40:56] = 60  # a dark centre
+    np.save(root / "x.npy", x)
+    ids = [f"{i:040x}" for i in range(n)]
+    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "outlier": 0}).to_csv(root / "index.csv", index=False)
+    side = np.where(np.arange(n) % 3 == 0, "val", "train")
+    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(root / "split.csv", index=False)
+    (root / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    return root
+
+
 @pytest.fixture
 def small_set():
     """Six good train patches (labels 0/1), three test patches."""

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, encode_patch, hexid, make_archive, patch
+from conftest import REPO, hexid, make_archive, training_arrays
 
 from hcd.errors import HcdError, excerpt
 from hcd.params import Params, load_params
@@ -313,18 +313,7 @@ def test_a_single_huge_header_line_is_refused(tmp_path, small_set):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    n = 48
-    x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-    y = (np.arange(n) % 2).astype(int)
-    np.save(root / "x.npy", x)
-    ids = [f"{i:040x}" for i in range(n)]
-    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "outlier": 0}).to_csv(root / "index.csv", index=False)
-    side = np.where(np.arange(n) % 3 == 0, "val", "train")
-    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(root / "split.csv", index=False)
-    (root / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
-    return root
+    return training_arrays(tmp_path_factory.mktemp("tiny"), 48)
 
 
 def _train(root: Path, out: Path, split: str = "split.csv", **cfg):

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import training_arrays
 
 from hcd.errors import HcdError
 from hcd.params import Params
@@ -16,19 +17,7 @@ from hcd.train import load_model, train
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    n = 96
-    x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-    y = (np.arange(n) % 2).astype(int)
-    x[y == 1, 40:56, 40:56] = 60  # a dark centre: learnable
-    np.save(root / "x.npy", x)
-    ids = [f"{i:040x}" for i in range(n)]
-    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "outlier": 0}).to_csv(root / "index.csv", index=False)
-    side = np.where(np.arange(n) % 3 == 0, "val", "train")  # both classes on each side
-    pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(root / "split.csv", index=False)
-    (root / "stats.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
-    return root
+    return training_arrays(tmp_path_factory.mktemp("tiny"), 96, learnable=True)
 
 
 def params(**train) -> Params:
