@@ -1,12 +1,16 @@
 # hcd under Snakemake: `snakemake --cores all`.
 #
-# Every rule takes its command, inputs, outputs and params from hcd/pipeline.py,
+# Every rule takes its command, inputs, outputs and params from hcd/pipeline/table.py,
 # the same stage table dvc.yaml is rendered from, so both engines run identical
 # command lines on identical files (tests/test_pipeline.py checks it, and that
 # this file has exactly one rule per stage). Configuration is params.yaml,
 # validated before any rule; the keys each stage reads are passed as `params:`,
 # so changing one reruns only the stages that read it. profiles/default/ makes
 # Snakemake compare checksums, so mtimes reset by `dvc checkout` rerun nothing.
+#
+# `snakemake --lint` advises a conda environment or container per rule: hcd installs with
+# pip into one environment (pyproject.toml), the same for every rule, so none is declared.
+# Each rule's output also goes to logs/<stage>[/<backbone>].log.
 #
 # Per-backbone rules (train, predict) use the {backbone} wildcard over
 # params.yaml's `backbones`; they ask for resources gpu=1, so
@@ -18,8 +22,8 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from hcd.errors import HcdError
-from hcd.params import load_params
-from hcd.pipeline import STAGES, final_outputs, snakemake_inputs, snakemake_params, snakemake_shell, wildcard
+from hcd.pipeline.params import load_params
+from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, snakemake_command, snakemake_inputs, snakemake_params, wildcard
 
 try:
     PARAMS = load_params("params.yaml")
@@ -51,6 +55,10 @@ rule all:
 
 # One rule per stage of the table, defined in a loop (Snakemake's procedural rule
 # definition): check, download, scan, split, stats, train, predict, ensemble, metrics.
+#
+# The command goes through params (evaluated when the rule is defined) and the shell
+# directive only formats it: the shell directive's own expression is evaluated when a
+# job runs, after the loop has ended, so it would see the last stage.
 for _stage in STAGES:
 
     rule:
@@ -62,8 +70,11 @@ for _stage in STAGES:
             outputs(_stage.name),
         params:
             **snakemake_params(PARAMS, _stage),
+            hcd_cmd=snakemake_command(_stage),
+        log:
+            wildcard(_stage.log),
         threads: threads(_stage.name)
         resources:
             **_stage.resources,
         shell:
-            snakemake_shell(_stage)
+            "{params.hcd_cmd}" + SNAKEMAKE_LOG_SUFFIX

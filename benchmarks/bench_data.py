@@ -34,11 +34,11 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hcd.io import write_json  # noqa: E402
-from hcd.params import DemoParams, ScanParams  # noqa: E402
-from hcd.scan import ScanOutputs, scan  # noqa: E402
-from hcd.synth import _all_slides, render, truth, write_archive  # noqa: E402
-from hcd.tiff import encode_patch  # noqa: E402
+from hcd.atomic import write_json  # noqa: E402
+from hcd.data.synth import _all_slides, render, truth, write_archive  # noqa: E402
+from hcd.data.tiff import encode_patch  # noqa: E402
+from hcd.pipeline.params import DemoParams, ScanParams  # noqa: E402
+from hcd.stages.scan import ScanOutputs, scan  # noqa: E402
 
 KAGGLE_TRAIN, KAGGLE_TEST = 220_025, 57_458
 
@@ -99,7 +99,7 @@ def scaled_archive(source: Path, dest: Path, n_patches: int) -> None:
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
         ids = [f"{i:040x}" for i in range(n_patches)]
-        zf.writestr("train_labels.csv", "id,label\n" + "".join(f"{i},{int(l)}\n" for i, l in zip(ids[:n_train], rng.random(n_train) < 0.4)))
+        zf.writestr("train_labels.csv", "id,label\n" + "".join(f"{i},{int(lab)}\n" for i, lab in zip(ids[:n_train], rng.random(n_train) < 0.4)))
         zf.writestr("sample_submission.csv", "id,label\n" + "".join(f"{i},0\n" for i in ids[n_train:]))
         for k, pid in enumerate(ids):
             data = bytearray(pool[k % len(pool)])
@@ -121,7 +121,7 @@ def full_size_archive(path: Path, n_train: int = KAGGLE_TRAIN, n_test: int = KAG
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         ids_train = [f"{i:040x}" for i in range(n_train)]
         ids_test = [f"{i + n_train:040x}" for i in range(n_test)]
-        zf.writestr("train_labels.csv", "id,label\n" + "".join(f"{i},{int(l)}\n" for i, l in zip(ids_train, labels)))
+        zf.writestr("train_labels.csv", "id,label\n" + "".join(f"{i},{int(lab)}\n" for i, lab in zip(ids_train, labels)))
         zf.writestr("sample_submission.csv", "id,label\n" + "".join(f"{i},0\n" for i in ids_test))
         for k, pid in enumerate(ids_train + ids_test):
             data = bytearray(templates[k % pool])

@@ -5,10 +5,10 @@ Usage:
                                      [--full-size] [--skip-engines] [--out benchmarks/results.json]
 
 1. Training throughput of hcd's loop (batches from a packed array, augmentation,
-   normalisation, autocast, optimizer and schedule: ``hcd.train.train_steps``)
+   normalisation, autocast, optimizer and schedule: ``hcd.runtime.loop.train_steps``)
    ÷ a bare timm forward + backward + optimizer step on ready-made tensors of the
    same batch shape, per backbone. Target >= 0.90 (CPU and GPU).
-2. TTA x8 prediction throughput (``hcd.train.predict_logits``) ÷ a bare 8-view
+2. TTA x8 prediction throughput (``hcd.model.inference.predict_probs``) ÷ a bare 8-view
    forward of ready-made tensors. Target >= 0.90.
 3. Scan throughput ÷ a plain ``tifffile.imread`` loop (``bench_data.py``).
 4. (unless --skip-engines) no-op ``dvc repro`` and no-op ``snakemake --cores all``
@@ -42,12 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hcd.augment import AugmentConfig  # noqa: E402
-from hcd.data import PackedBatches, Preprocess, autocast_dtype, pick_device, set_threads  # noqa: E402
-from hcd.io import write_json  # noqa: E402
-from hcd.models import build_model  # noqa: E402
-from hcd.params import TrainParams  # noqa: E402
-from hcd.train import make_optimizer, make_schedule, predict_logits, train_steps  # noqa: E402
+from hcd.atomic import write_json  # noqa: E402
+from hcd.data.augment import AugmentConfig  # noqa: E402
+from hcd.data.batches import PackedBatches, Preprocess  # noqa: E402
+from hcd.model.factory import build_model  # noqa: E402
+from hcd.model.inference import predict_probs  # noqa: E402
+from hcd.pipeline.params import TrainParams  # noqa: E402
+from hcd.runtime.device import autocast_dtype, pick_device, set_threads  # noqa: E402
+from hcd.runtime.loop import Trainer, train_steps  # noqa: E402
+from hcd.runtime.optim import make_optimizer, make_schedule  # noqa: E402
 
 
 def packed_like(n: int, seed: int = 0) -> np.ndarray:
@@ -97,11 +100,11 @@ def hcd_train(model: torch.nn.Module, name: str, batch: int, crop: int, steps: i
     sched = make_schedule(opt, cfg, 1e-4, steps + 3)
     aug = AugmentConfig(**cfg.augment.model_dump())
     gen_o, gen_a = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    common = dict(model=model, fwd=model, opt=opt, sched=sched, source=src, prep=prep, aug=aug, gen_order=gen_o, gen_aug=gen_a, batch_size=batch, device=device, name=name, epoch=0, progress=False)
-    train_steps(**common, max_steps=3)  # warm-up
+    trainer = Trainer(model=model, fwd=model, opt=opt, sched=sched, prep=prep, aug=aug, gen_order=gen_o, gen_aug=gen_a, batch_size=batch, device=device, name=name)
+    train_steps(trainer, src, epoch=0, max_steps=3, progress=False)  # warm-up
     sync(device)
     t = time.perf_counter()
-    train_steps(**common, max_steps=steps)
+    train_steps(trainer, src, epoch=0, max_steps=steps, progress=False)
     sync(device)
     return time.perf_counter() - t
 
@@ -142,7 +145,7 @@ def tta_ratio(name: str, batch: int, crop: int, steps: int, device: torch.device
 
     def ours() -> float:
         t = time.perf_counter()
-        predict_logits(model, src, prep, device, batch, 8)
+        predict_probs(model, src, prep, device, batch, 8)
         sync(device)
         return time.perf_counter() - t
 
@@ -204,11 +207,11 @@ def full_size_memory(work: Path, steps: int) -> dict:
     side = np.where(np.arange(n) % 10 == 0, "val", "train")
     pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(work / "split.csv", index=False)
     (work / "stats.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
-    (work / "params.yaml").write_text("backbones: [cnn]\ntrain: {epochs: 1, batch_size: 128, patience: 0}\n")
+    (work / "params.yaml").write_text(f"backbones: [cnn]\ntrain: {{epochs: 1, batch_size: 128, patience: 0, max_steps: {steps}}}\n")
     cmd = [sys.executable, str(REPO / "workflow/scripts/train.py"), "cnn", "--packed", "train_x.npy", "--index", "index.csv", "--split", "split.csv", "--stats", "stats.json", "--out-dir", "m", "--live-dir", "live"]
     from bench_data import run_measuring_memory
 
-    peak = run_measuring_memory(cmd, work, {**os.environ, "HCD_MAX_STEPS": str(steps)})["peak_pss"]
+    peak = run_measuring_memory(cmd, work, dict(os.environ))["peak_pss"]
     size = (work / "train_x.npy").stat().st_size
     return {"patches": n, "packed_gb": round(size / 1e9, 2), "peak_pss_gb": round(peak / 1e9, 2), "ratio_to_packed": round(peak / size, 3), "steps": steps}
 
@@ -240,8 +243,9 @@ def main() -> None:
         work = Path(tmp)
         if not args.skip_scan:
             from bench_data import scaled_archive, throughput
-            from hcd.params import DemoParams
-            from hcd.synth import write_archive
+
+            from hcd.data.synth import write_archive
+            from hcd.pipeline.params import DemoParams
 
             src = Path(os.environ["HCD_REAL_ZIP"]) if os.environ.get("HCD_REAL_ZIP") else work / "demo.zip"
             if not src.exists():

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hcd.io import write_json  # noqa: E402
+from hcd.atomic import write_json  # noqa: E402
 
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 

@@ -25,18 +25,9 @@ import threading
 from collections.abc import Callable
 
 from hcd.errors import HcdError
+from hcd.stages import NAMES as STAGE_NAMES
 
-STAGE_MODULES = {
-    "check": "hcd.check",
-    "download": "hcd.download",
-    "scan": "hcd.scan",
-    "split": "hcd.split",
-    "stats": "hcd.stats",
-    "train": "hcd.train",
-    "predict": "hcd.predict",
-    "ensemble": "hcd.ensemble",
-    "metrics": "hcd.evaluate",
-}
+STAGE_MODULES = {name: f"hcd.stages.{name}" for name in STAGE_NAMES}
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,16 +43,16 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
 
     SIGTERM is handled like SIGINT: the stage unwinds, every temporary it was
     writing is removed and earlier outputs stay as they were (exit 143). Each
-    start also sweeps temporaries left by killed processes (:func:`hcd.io.sweep_dead_temps`).
+    start also sweeps temporaries left by killed processes (:func:`hcd.atomic.sweep_dead_temps`).
     """
-    from hcd.io import public_name, replay_journals, sweep_dead_temps
+    from hcd.atomic import public_name, replay_journals, sweep_dead_temps
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asked_help = bool({"-h", "--help"} & set(sys.argv[1:] if argv is None else argv))
         if name in STAGE_MODULES and not asked_help:  # help writes nothing
-            from hcd.runlock import claim
+            from hcd.pipeline.runlock import claim
 
             claim(name)  # one runner (dvc or snakemake) per checkout at a time
             replay_journals()  # a commit killed among its renames is finished first...
@@ -83,8 +74,8 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
 def _demo_truth(argv: list[str] | None) -> None:
     import argparse
 
-    from hcd.params import load_params
-    from hcd.synth import write_truth
+    from hcd.data.synth import write_truth
+    from hcd.pipeline.params import load_params
 
     ap = argparse.ArgumentParser(prog="hcd demo-truth", description="write the demo dataset's test labels (demo_test_labels.csv) and slide groups (demo_slides.csv)")
     ap.add_argument("out_dir", help="folder to write into, e.g. data/groups")
@@ -102,15 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     if cmd in STAGE_MODULES:
         run_stage(importlib.import_module(STAGE_MODULES[cmd]).main, cmd, rest)
     elif cmd == "score":
-        from hcd.evaluate import score_main
+        from hcd.scoring import score_main
 
         run_stage(score_main, "score", rest)
     elif cmd == "params":
-        from hcd.overlay import main as overlay_main
+        from hcd.pipeline.overlays import main as overlay_main
 
         run_stage(overlay_main, "params", rest)
     elif cmd == "pipeline":
-        from hcd.pipeline import main as pipeline_main
+        from hcd.pipeline.table import main as pipeline_main
 
         run_stage(pipeline_main, "pipeline", rest)
     elif cmd == "demo-truth":

@@ -4,7 +4,6 @@
 ``HCD_THREADS``             torch threads (default: the CPUs this process may use)
 ``HCD_WORKERS``             scan's decode processes (default: CPUs, at most 8)
 ``HCD_DEVICE``              ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (default: the best there is)
-``HCD_MAX_STEPS``           cap on training steps per epoch (smoke runs, benchmarks)
 ``HCD_IN_MEMORY_BYTES``     load selected rows into memory below this size (default 4 GiB)
 ``HCD_GPU_DATA_FRACTION``   keep data on the GPU when it takes at most this share of free memory
 ==========================  =====================================================
@@ -70,10 +69,6 @@ def threads() -> int:
 
 def workers() -> int:
     return env_int("HCD_WORKERS", max(1, min(8, cpu_count())), 1, 256)  # type: ignore[return-value]
-
-
-def max_steps() -> int | None:
-    return env_int("HCD_MAX_STEPS", None, 1, 10**9)
 
 
 def in_memory_bytes() -> int:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from hcd.params import DemoParams, ScanParams
-from hcd.scan import ScanOutputs
-from hcd.synth import write_archive
-from hcd.tiff import encode_patch
+from hcd.data.synth import write_archive
+from hcd.data.tiff import encode_patch
+from hcd.pipeline.params import DemoParams, ScanParams
+from hcd.stages.scan import ScanOutputs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DemoParams(n_train=160, n_test=24, n_slides=12, seed=3)

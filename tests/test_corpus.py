@@ -236,5 +236,6 @@ def test_bad_input(tmp_path, monkeypatch, capsys, name, build, outcome, expect):
     # nothing extracted: the folders hold the archive and the stage's outputs, nothing else
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.iterdir()) == ["in.zip", "work"]
-    assert {str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()} <= {"params.yaml", "data/packed/train_x.npy", "data/packed/train_index.csv", "data/packed/test_x.npy", "data/packed/test_index.csv", "data/scan/report.csv", "metrics/scan.json"}
+    hcd_state = {".hcd/runner.json", ".hcd/runner.lock"}  # which runner holds the checkout (hcd.pipeline.runlock): no patch data
+    assert {str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()} - hcd_state <= {"params.yaml", "data/packed/train_x.npy", "data/packed/train_index.csv", "data/packed/test_x.npy", "data/packed/test_index.csv", "data/scan/report.csv", "metrics/scan.json"}
     assert not Path("/tmp/hcd-evil.tif").exists()

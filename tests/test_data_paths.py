@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hcd.data import PackedBatches, Preprocess
+from hcd.data.batches import PackedBatches, Preprocess
 
 
 @pytest.fixture

@@ -8,15 +8,13 @@ import sys
 import zipfile
 
 import pytest
+from conftest import REPO, make_archive, outputs
 
-from conftest import REPO, make_archive
-from hcd.download import download, from_dir
+from hcd.atomic import atomic_path, write_json
 from hcd.errors import HcdError
-from hcd.io import atomic_path, write_json
-from hcd.params import DataParams, load_params
-from hcd.scan import scan
-from hcd.params import ScanParams
-from conftest import outputs
+from hcd.pipeline.params import DataParams, ScanParams, load_params
+from hcd.stages.download import download, from_dir
+from hcd.stages.scan import scan
 
 
 def test_zip_source_is_copied_and_checked(tiny_archive, tmp_path):
@@ -115,7 +113,7 @@ def test_killed_stage_leaves_no_output_an_engine_would_take(tmp_path):
     """SIGKILL mid-write: the destination never exists half-written."""
     code = (
         "import os, signal\n"
-        "from hcd.io import atomic_path\n"
+        "from hcd.atomic import atomic_path\n"
         "with atomic_path('out.bin') as tmp:\n"
         "    tmp.write_bytes(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -126,7 +124,7 @@ def test_killed_stage_leaves_no_output_an_engine_would_take(tmp_path):
 
 
 def test_a_failed_commit_leaves_every_previous_output_not_a_mix(tmp_path):
-    from hcd.io import Commit
+    from hcd.atomic import Commit
 
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots/old.json").write_text("old curve")
@@ -145,7 +143,7 @@ def test_a_failed_commit_leaves_every_previous_output_not_a_mix(tmp_path):
 
 
 def test_a_committed_folder_replaces_the_old_one_whole(tmp_path):
-    from hcd.io import Commit, clean_stale_temps
+    from hcd.atomic import Commit, clean_stale_temps
 
     (tmp_path / "plots/roc").mkdir(parents=True)
     (tmp_path / "plots/roc/removed_backbone.json").write_text("stale")

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 from sklearn.metrics import roc_auc_score
 
-from conftest import REPO
-from hcd.ensemble import combine, validate_submission
 from hcd.errors import HcdError
-from hcd.evaluate import score, score_submission
+from hcd.scoring import score, score_submission
+from hcd.stages.ensemble import combine, validate_submission
 
 IDS = [f"{i:040x}" for i in range(5)]
 

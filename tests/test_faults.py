@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from hcd.pipeline import STAGES
+
+from hcd.pipeline.table import STAGES
 
 PARAMS = {
     "backbones": ["cnn"],

@@ -11,14 +11,14 @@ import os
 import zipfile
 
 import numpy as np
+from conftest import hexid, patch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import hexid, patch
+from hcd.data.source import ZipSource
+from hcd.data.tiff import PatchError, decode_patch, encode_patch
 from hcd.errors import HcdError
-from hcd.scan import parse_table
-from hcd.source import ZipSource
-from hcd.tiff import PatchError, decode_patch, encode_patch
+from hcd.stages.scan import parse_table
 
 N = int(os.environ.get("HCD_FUZZ_EXAMPLES", 300))
 FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -26,7 +26,7 @@ import yaml
 from conftest import REPO, hexid, make_archive, training_arrays
 
 from hcd.errors import HcdError, excerpt
-from hcd.params import Params, load_params
+from hcd.pipeline.params import Params, load_params
 
 PY = [sys.executable, "-m", "hcd"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HCD_THREADS": "1", "HCD_WORKERS": "1"}
@@ -105,7 +105,7 @@ def test_the_check_stage_refuses_a_bad_value_and_writes_nothing(tmp_path):
 
 
 def test_every_stage_but_check_depends_on_the_check(tmp_path):
-    from hcd.pipeline import CHECKED, STAGES
+    from hcd.pipeline.table import CHECKED, STAGES
 
     assert STAGES[0].name == "check" and "params.yaml" in STAGES[0].deps
     assert all(CHECKED in s.deps for s in STAGES[1:])
@@ -145,7 +145,7 @@ def kaggle_world(tmp_path_factory):
     """A fake key in kaggle.json and the environment, a tiny demo archive to serve."""
     from conftest import TINY
 
-    from hcd.synth import write_archive
+    from hcd.data.synth import write_archive
 
     root = tmp_path_factory.mktemp("kaggle")
     write_archive(root / "served.zip", TINY)
@@ -317,7 +317,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _train(root: Path, out: Path, split: str = "split.csv", **cfg):
-    from hcd.train import train
+    from hcd.stages.train import train
 
     p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 32, "patience": 0, **cfg}})
     return train("cnn", p, root / "x.npy", root / "index.csv", root / split, root / "stats.json", out, out / "live", log=lambda m: None)
@@ -330,9 +330,9 @@ def test_a_batch_larger_than_the_training_side_is_refused_before_training(tiny_d
 
 
 def test_a_model_that_took_no_step_is_never_written(tiny_data, tmp_path, monkeypatch):
-    import hcd.train
+    import hcd.stages.train
 
-    monkeypatch.setattr(hcd.train, "train_steps", lambda *a, **k: (0.0, 0))
+    monkeypatch.setattr(hcd.stages.train, "train_steps", lambda *a, **k: (0.0, 0))
     with pytest.raises(HcdError, match="took no training step"):
         _train(tiny_data, tmp_path / "m")
     assert not (tmp_path / "m/model.safetensors").exists()
@@ -352,8 +352,8 @@ def _index(n: int, pos: np.ndarray | None = None) -> pd.DataFrame:
 
 
 def test_groups_that_leave_validation_with_one_class_are_refused():
-    from hcd.params import SplitParams
-    from hcd.split import split
+    from hcd.pipeline.params import SplitParams
+    from hcd.stages.split import split
 
     idx = _index(40, np.array([0] * 20 + [1] * 20))
     groups = np.array([f"g{i // 4}" for i in range(40)])  # each slide holds one class
@@ -362,8 +362,8 @@ def test_groups_that_leave_validation_with_one_class_are_refused():
 
 
 def test_two_groups_cannot_make_a_ten_percent_validation_side():
-    from hcd.params import SplitParams
-    from hcd.split import split
+    from hcd.pipeline.params import SplitParams
+    from hcd.stages.split import split
 
     idx = _index(40)
     groups = np.array(["a"] * 20 + ["b"] * 20)  # both classes in each
@@ -372,8 +372,8 @@ def test_two_groups_cannot_make_a_ten_percent_validation_side():
 
 
 def test_groups_that_track_the_label_are_warned_about_with_numbers():
-    from hcd.params import SplitParams
-    from hcd.split import split
+    from hcd.pipeline.params import SplitParams
+    from hcd.stages.split import split
 
     rng = np.random.default_rng(1)
     groups = np.array([f"g{i}" for i in range(20) for _ in range(10)])
@@ -386,8 +386,8 @@ def test_groups_that_track_the_label_are_warned_about_with_numbers():
 
 @pytest.mark.parametrize("fraction, n", [(0.01, 40), (0.05, 20)])
 def test_a_val_fraction_the_data_cannot_honour_is_one_line(fraction, n):
-    from hcd.params import SplitParams
-    from hcd.split import split
+    from hcd.pipeline.params import SplitParams
+    from hcd.stages.split import split
 
     with pytest.raises(HcdError, match="split: "):
         split(_index(n), SplitParams(val_fraction=fraction), None, warn=lambda m: None)
@@ -423,11 +423,11 @@ def test_score_takes_a_backbones_prediction_file(tmp_path):
     assert proc.returncode == 0 and "AUC 1.0000" in proc.stdout and "n=3" in proc.stdout
 
 
-@pytest.mark.parametrize("var, value", [("HCD_THREADS", "abc"), ("HCD_THREADS", "0"), ("HCD_WORKERS", "-2"), ("HCD_MAX_STEPS", "1e3"), ("HCD_DEVICE", "cuda;rm"), ("HCD_IN_MEMORY_BYTES", "lots"), ("HCD_GPU_DATA_FRACTION", "nan")])
+@pytest.mark.parametrize("var, value", [("HCD_THREADS", "abc"), ("HCD_THREADS", "0"), ("HCD_WORKERS", "-2"), ("HCD_DEVICE", "cuda;rm"), ("HCD_IN_MEMORY_BYTES", "lots"), ("HCD_GPU_DATA_FRACTION", "nan")])
 def test_every_environment_variable_is_parsed_with_one_line(var, value):
     from hcd import env
 
-    getter = {"HCD_THREADS": env.threads, "HCD_WORKERS": env.workers, "HCD_MAX_STEPS": env.max_steps, "HCD_DEVICE": env.env_device, "HCD_IN_MEMORY_BYTES": env.in_memory_bytes, "HCD_GPU_DATA_FRACTION": env.gpu_data_fraction}[var]
+    getter = {"HCD_THREADS": env.threads, "HCD_WORKERS": env.workers, "HCD_DEVICE": env.env_device, "HCD_IN_MEMORY_BYTES": env.in_memory_bytes, "HCD_GPU_DATA_FRACTION": env.gpu_data_fraction}[var]
     old = os.environ.get(var)
     os.environ[var] = value
     try:
@@ -452,7 +452,7 @@ def test_every_environment_variable_is_parsed_with_one_line(var, value):
     ],
 )
 def test_a_tampered_model_json_is_refused_with_one_line(tmp_path, change, words):
-    from hcd.models import read_model_meta
+    from hcd.model.weights import read_model_meta
 
     meta = {"backbone": "cnn", "crop": 64, "upscale": None, "mean": [0.5] * 3, "std": [0.2] * 3, "best_epoch": 2, "history": []}
     meta.update(change)
@@ -463,7 +463,7 @@ def test_a_tampered_model_json_is_refused_with_one_line(tmp_path, change, words)
 
 
 def test_a_model_json_missing_a_key_is_refused(tmp_path):
-    from hcd.models import read_model_meta
+    from hcd.model.weights import read_model_meta
 
     (tmp_path / "model.json").write_text(json.dumps({"backbone": "cnn", "crop": 64, "upscale": None, "mean": [0.5] * 3, "std": [0.2] * 3}))
     with pytest.raises(HcdError, match="model.json: best_epoch: Field required"):
@@ -474,7 +474,7 @@ def test_a_model_json_missing_a_key_is_refused(tmp_path):
 
 
 def test_the_run_key_covers_every_byte_of_the_packed_array_and_the_thread_count(tmp_path):
-    from hcd.checkpoint import run_key
+    from hcd.model.checkpoint import run_key
 
     x = np.zeros((64, 96, 96, 3), np.uint8)
     np.save(tmp_path / "x.npy", x)
@@ -494,9 +494,9 @@ def test_the_run_key_covers_every_byte_of_the_packed_array_and_the_thread_count(
 def test_training_puts_its_thread_count_into_the_run_key(monkeypatch):
     import inspect
 
-    import hcd.train
+    import hcd.stages.train
 
-    assert '"threads": threads' in inspect.getsource(hcd.train.train)
+    assert '"threads": threads' in inspect.getsource(hcd.stages.train.train)
 
 
 # ----------------------------------------------------------------------------- 10, 11, 17: commits, signals, names
@@ -504,7 +504,7 @@ def test_training_puts_its_thread_count_into_the_run_key(monkeypatch):
 
 def test_a_kill_among_a_commits_renames_is_rolled_forward_to_the_new_set(tmp_path):
     """SIGKILL after the first of three renames: the journal finishes them at the next stage start."""
-    from hcd.io import replay_journals, write_json
+    from hcd.atomic import replay_journals, write_json
 
     for n in "abc":
         write_json(tmp_path / f"{n}.json", {"v": "old"})
@@ -518,7 +518,7 @@ def test_a_kill_among_a_commits_renames_is_rolled_forward_to_the_new_set(tmp_pat
         "        count[0] += 1\n"
         "        if count[0] == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
         "os.replace = dying\n"
-        "from hcd.io import Commit\n"
+        "from hcd.atomic import Commit\n"
         "with Commit() as c:\n"
         "    for n in 'abc': c.json(n + '.json', {'v': 'new'})\n"
     )
@@ -551,7 +551,7 @@ def test_sigterm_removes_every_temporary_and_keeps_the_previous_outputs(tmp_path
 
 
 def test_a_temporary_of_a_dead_process_is_swept_at_any_stage_start(tmp_path):
-    from hcd.io import sweep_dead_temps
+    from hcd.atomic import sweep_dead_temps
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (tmp_path / "data/packed").mkdir(parents=True)

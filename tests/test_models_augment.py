@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hcd.augment import AugmentConfig, augment_batch, crop_batch, dihedral, tta_views
+from hcd.data.augment import AugmentConfig, augment_batch, crop_batch, dihedral, tta_views
 from hcd.errors import HcdError
-from hcd.models import build_model
+from hcd.model.factory import build_model
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet18", "efficientnet_b0", "densenet169", "mobilenetv2_100", "vgg16_bn", "seresnet50"])
@@ -85,7 +85,7 @@ def test_batched_augmentation_equals_a_per_image_reference():
 
 
 def test_hed_jitter_with_identity_draws_changes_nothing():
-    from hcd.augment import hed_jitter
+    from hcd.data.augment import hed_jitter
 
     x = torch.rand(2, 3, 16, 16) * 0.9 + 0.05
     torch.testing.assert_close(hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3)), x, atol=1e-4, rtol=1e-4)

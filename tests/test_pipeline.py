@@ -6,10 +6,10 @@ import re
 import subprocess
 
 import yaml
-
 from conftest import REPO
-from hcd.params import load_params
-from hcd.pipeline import STAGES, render_dvc_yaml, snakemake_params
+
+from hcd.pipeline.params import load_params
+from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, render_dvc_yaml, snakemake_params
 
 
 def dvc_stages() -> dict:
@@ -45,7 +45,11 @@ def snakemake_jobs() -> dict[str, dict]:
         cmd = re.search(r"^Shell command: (.*)$", block, re.M)
         wild = fields.get("wildcards", "")
         name = m.group(1) + (f"@{wild.split('=', 1)[1]}" if wild else "")
-        jobs[name] = {"input": sorted(fields.get("input", "").split(", ")), "output": sorted(fields.get("output", "").split(", ")), "cmd": cmd.group(1).strip()}
+        log = re.search(r"^\s+log: (.*)$", block, re.M)
+        shell = cmd.group(1).strip()
+        suffix = SNAKEMAKE_LOG_SUFFIX.replace("{log}", log.group(1).strip() if log else "")
+        assert shell.endswith(suffix), f"{name}: the Snakemake command must end in its log's tee: {shell}"
+        jobs[name] = {"input": sorted(fields.get("input", "").split(", ")), "output": sorted(fields.get("output", "").split(", ")), "cmd": shell.removesuffix(suffix)}
     return jobs
 
 
@@ -97,5 +101,16 @@ def test_every_declared_input_exists_or_is_produced():
 
 def test_stage_scripts_are_thin():
     for stage in STAGES:
-        lines = [l for l in (REPO / stage.script).read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+        lines = [line for line in (REPO / stage.script).read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
         assert len(lines) < 20, f"{stage.script}: stage logic belongs in hcd/"
+
+
+def test_one_list_of_stage_names_for_the_table_the_cli_and_the_scripts():
+    from hcd.cli import STAGE_MODULES
+    from hcd.stages import NAMES
+
+    assert tuple(s.name for s in STAGES) == NAMES
+    assert list(STAGE_MODULES) == list(NAMES)
+    for stage in STAGES:
+        assert stage.script == f"workflow/scripts/{stage.name}.py"
+        assert f"from hcd.stages.{stage.name} import main" in (REPO / stage.script).read_text()

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import outputs
-from hcd.params import ScanParams
-from hcd.scan import scan
+
+from hcd.pipeline.params import ScanParams
+from hcd.stages.scan import scan
 
 pytestmark = pytest.mark.realdata
 REAL = os.environ.get("HCD_REAL_ZIP")

@@ -7,14 +7,14 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY, encode_patch, hexid, make_archive, outputs, patch
+
+from hcd.data.source import ZipSource
+from hcd.data.synth import planted_defects, truth
+from hcd.data.tiff import decode_patch
 from hcd.errors import HcdError
-from hcd.params import ScanParams
-from hcd.scan import scan
-from hcd.source import ZipSource
-from hcd.synth import planted_defects, truth
-from hcd.tiff import decode_patch
+from hcd.pipeline.params import ScanParams
+from hcd.stages.scan import scan
 
 
 def report(root):

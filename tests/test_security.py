@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from hcd.errors import HcdError
-from hcd.params import load_params
-from hcd.pipeline import STAGES
 
-SOURCES = sorted([*REPO.glob("hcd/*.py"), *REPO.glob("workflow/scripts/*.py"), *REPO.glob("benchmarks/*.py")])
+from hcd.errors import HcdError
+from hcd.pipeline.params import load_params
+from hcd.pipeline.table import STAGES
+
+SOURCES = sorted([*REPO.glob("hcd/**/*.py"), *REPO.glob("workflow/scripts/*.py"), *REPO.glob("benchmarks/*.py")])
 BANNED_CALLS = {("os", "system"), ("os", "popen"), ("os", "execl"), ("os", "execlp"), ("os", "spawnl"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput")}
 SUBPROCESS = {"run", "Popen", "call", "check_call", "check_output"}
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from hcd.errors import HcdError
-from hcd.params import SplitParams
-from hcd.split import balance, read_groups, split
-from hcd.stats import channel_stats
+from hcd.pipeline.params import SplitParams
+from hcd.stages.split import balance, read_groups, split
+from hcd.stages.stats import channel_stats
 
 
 def index(n=1000, pos=0.4, seed=0):

@@ -7,10 +7,10 @@ import re
 import zipfile
 
 import pandas as pd
-
 from conftest import TINY
-from hcd.params import DemoParams
-from hcd.synth import _all_slides, render, truth, write_archive
+
+from hcd.data.synth import _all_slides, render, truth, write_archive
+from hcd.pipeline.params import DemoParams
 
 
 def test_archive_is_byte_identical_for_the_same_params(tiny_archive, tmp_path):
@@ -56,7 +56,10 @@ def test_label_depends_only_on_the_centre():
         ring_dark.append((ring, row["label"]))
     ring = pd.DataFrame(ring_dark, columns=["v", "y"])
     centre = pd.DataFrame(centre_dark, columns=["v", "y"])
-    gap = lambda f: f.query("y == 1")["v"].mean() - f.query("y == 0")["v"].mean()
+
+    def gap(f: pd.DataFrame) -> float:
+        return f.query("y == 1")["v"].mean() - f.query("y == 0")["v"].mean()
+
     assert gap(centre) > 3 * abs(gap(ring)), (gap(centre), gap(ring))
 
 

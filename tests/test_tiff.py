@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from conftest import bomb_header, tiff_bytes
 
-from hcd.tiff import PatchError, _fast_ifd, decode_patch, encode_patch
+from hcd.data.tiff import PatchError, _fast_ifd, decode_patch, encode_patch
 
 IMG = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import training_arrays
 
 from hcd.errors import HcdError
-from hcd.params import Params
-from hcd.train import load_model, train
+from hcd.model.weights import load_model
+from hcd.pipeline.params import Params
+from hcd.stages.train import train
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +33,17 @@ class Killed(BaseException):
 
 def kill_during_epoch(monkeypatch, at_epoch: int) -> None:
     """Run ``at_epoch`` (0-based) for one step — weights and generators move — then die."""
-    import hcd.train
+    import hcd.stages.train
 
-    real = hcd.train.train_steps
+    real = hcd.stages.train.train_steps
 
-    def dying(*args, **kw):
-        if args[12] == at_epoch:  # train_steps(model, fwd, opt, sched, source, prep, aug, gen_order, gen_aug, batch_size, device, name, epoch, ...)
-            real(*args, **{**kw, "max_steps": 1})
+    def dying(t, source, epoch, **kw):
+        if epoch == at_epoch:
+            real(t, source, epoch, **{**kw, "max_steps": 1})
             raise Killed
-        return real(*args, **kw)
+        return real(t, source, epoch, **kw)
 
-    monkeypatch.setattr(hcd.train, "train_steps", dying)
+    monkeypatch.setattr(hcd.stages.train, "train_steps", dying)
 
 
 def files(root) -> dict[str, bytes]:
@@ -68,9 +67,9 @@ def test_another_seed_gives_other_weights(tiny_data, tmp_path):
 
 
 def test_nan_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tiny_data, tmp_path, monkeypatch):
-    from hcd import models
+    from hcd.model import factory
 
-    real_build = models.build_model
+    real_build = factory.build_model
 
     def poisoned(name, pretrained=False):
         model = real_build(name, pretrained)
@@ -78,7 +77,7 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tiny_data, tmp
             model.head[-1].bias.fill_(float("nan"))
         return model
 
-    monkeypatch.setattr("hcd.train.build_model", poisoned)
+    monkeypatch.setattr("hcd.stages.train.build_model", poisoned)
     with pytest.raises(HcdError) as info:
         run(tiny_data, tmp_path / "nan")
     msg = str(info.value)
@@ -100,7 +99,7 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tiny_data, tmp
 def test_params_errors_name_the_key_before_any_work(tmp_path, raw, words):
     import yaml
 
-    from hcd.params import load_params
+    from hcd.pipeline.params import load_params
 
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(raw))
@@ -159,7 +158,6 @@ def test_changed_data_never_resumes(tiny_data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated", "hostile pickle", "not a checkpoint"])
 def test_damaged_or_hostile_checkpoint_is_set_aside_and_never_runs_code(tiny_data, tmp_path, monkeypatch, damage):
     import os
-    import pickle
 
     marker = tmp_path / "pwned"
 
@@ -188,17 +186,17 @@ def test_damaged_or_hostile_checkpoint_is_set_aside_and_never_runs_code(tiny_dat
 
 
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import hcd.train
+    import hcd.stages.train
 
-    real = hcd.train.train_steps
+    real = hcd.stages.train.train_steps
 
-    def poison_at_second_epoch(model, *args, **kw):
-        if args[11] == 1:  # epoch, after model
+    def poison_at_second_epoch(t, source, epoch, **kw):
+        if epoch == 1:
             with torch.no_grad():
-                model.head[-1].bias.fill_(float("inf"))
-        return real(model, *args, **kw)
+                t.model.head[-1].bias.fill_(float("inf"))
+        return real(t, source, epoch, **kw)
 
-    monkeypatch.setattr(hcd.train, "train_steps", poison_at_second_epoch)
+    monkeypatch.setattr(hcd.stages.train, "train_steps", poison_at_second_epoch)
     with pytest.raises(HcdError) as info:
         run(tiny_data, tmp_path / "b", params(epochs=3))
     msg = str(info.value)
@@ -211,7 +209,7 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(tiny_data, tmp_pat
     def oom(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("hcd.train.train_steps", oom)
+    monkeypatch.setattr("hcd.stages.train.train_steps", oom)
     with pytest.raises(HcdError) as info:
         run(tiny_data, tmp_path / "b", params(batch_size=16))
     msg = str(info.value)
@@ -219,14 +217,14 @@ def test_out_of_memory_names_the_batch_size_and_a_smaller_one(tiny_data, tmp_pat
 
 
 def test_predict_out_of_memory_names_the_batch_size(tiny_data, tmp_path, monkeypatch):
-    from hcd.predict import predict
+    from hcd.stages.predict import predict
 
     run(tiny_data, tmp_path / "m", params(epochs=1))
 
     def oom(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr("hcd.predict.predict_logits", oom)
+    monkeypatch.setattr("hcd.stages.predict.predict_probs", oom)
     with pytest.raises(HcdError) as info:
         predict(tmp_path / "m", tiny_data / "x.npy", tiny_data / "index.csv", tiny_data / "split.csv", tiny_data / "x.npy", tiny_data / "index.csv", tmp_path / "p", tta=8, batch_size=512, log=lambda m: None)
     msg = str(info.value)

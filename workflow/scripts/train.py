@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a clone without installing
 
-from hcd.train import main  # noqa: E402
 from hcd.cli import run_stage  # noqa: E402
+from hcd.stages.train import main  # noqa: E402
 
 if __name__ == "__main__":
     run_stage(main, "train")

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from hcd.atomic import atomic_path
 from hcd.errors import HcdError
-from hcd.io import atomic_path
-from hcd.pipeline import TRAIN_CODE
+from hcd.pipeline.table import TRAIN_CODE
 
 FORMAT = 2  # 2: full-content key with threads and versions
 NAME = "checkpoint.pt"
@@ -68,7 +68,7 @@ def run_key(settings: dict[str, Any], packed: Path, small_inputs: list[Path]) ->
     import numpy
     import timm
 
-    code_dir = Path(__file__).resolve().parent
+    code_dir = Path(__file__).resolve().parents[1]  # the hcd package
     parts = {
         "format": FORMAT,
         "settings": settings,

@@ -21,20 +21,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from hcd.atomic import Commit, clean_stale_temps
+from hcd.data.packed import read_index
 from hcd.errors import HcdError, excerpt
-from hcd.io import Commit, clean_stale_temps
-from hcd.params import SplitParams, load_params
-
-
-def read_index(path: str | Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype={"id": str})
-    except FileNotFoundError:
-        raise HcdError(f"{path}: file not found (run the scan stage first)") from None
-    missing = {"row", "id", "label"} - set(frame.columns)
-    if missing:
-        raise HcdError(f"{path}: missing columns {sorted(missing)}")
-    return frame
+from hcd.pipeline.params import SplitParams, load_params
 
 
 def read_groups(path: str | Path, ids: pd.Series) -> np.ndarray:

@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from hcd.atomic import clean_stale_temps, write_json
+from hcd.data.packed import open_packed, read_split
 from hcd.errors import HcdError
-from hcd.io import clean_stale_temps, write_json
-from hcd.packed import open_packed
-from hcd.split import read_index
 
 
 def channel_stats(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 1024) -> dict:
@@ -59,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     clean_stale_temps(args.out)
     x = open_packed(args.packed)
-    index = read_index(args.index)
-    sides = pd.read_csv(args.split, dtype={"id": str})
-    if len(index) != len(x) or len(sides) != len(index) or not (sides["id"].to_numpy() == index["id"].to_numpy()).all():
-        raise HcdError(f"{args.split}: does not match {args.index} (rerun split)")
+    index, sides = read_split(args.index, args.split, n_rows=len(x))
     use = (sides["side"] == "train").to_numpy()
     if "outlier" in index.columns:
         use = use & (index["outlier"].to_numpy() == 0)

@@ -4,7 +4,9 @@ Written by :class:`PackWriter` without ever holding the images in memory: rows
 are written with ``pwrite`` at their slot (by several processes at once), then
 the file is compacted in place to the usable rows, its header rewritten for the
 final N and truncated — one decode per patch, one file, no second copy.
-Readers use :func:`open_packed` (``np.load(..., mmap_mode="r")``).
+Readers use :func:`open_packed` (``np.load(..., mmap_mode="r")``); each array's
+index (row, id, label...) is read by :func:`read_index`, and :func:`read_split`
+checks a split against it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hcd import PATCH_SHAPE
 from hcd.errors import HcdError
@@ -117,3 +120,33 @@ def open_packed(path: str | os.PathLike[str]) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.shape[1:] != PATCH_SHAPE:
         raise HcdError(f"{path}: expected N x 96 x 96 x 3 uint8, found {arr.shape} {arr.dtype}")
     return arr
+
+
+def read_index(path: str | Path, columns: tuple[str, ...] = ("row", "id", "label")) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise HcdError(f"{path}: file not found (run the scan stage first)") from None
+    missing = set(columns) - set(frame.columns)
+    if missing:
+        raise HcdError(f"{path}: missing columns {sorted(missing)}")
+    return frame
+
+
+def read_split(index: str | Path, split: str | Path, n_rows: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The packed index and the split, checked to list the same ids in the same order — the one check
+    train, predict and stats share. ``n_rows``: the packed array's length, which the index must match."""
+    idx = read_index(index)
+    if n_rows is not None and len(idx) != n_rows:
+        raise HcdError(f"{index}: {len(idx)} rows for {n_rows} packed patches (rerun scan)")
+    try:
+        sides = pd.read_csv(split, dtype={"id": str})
+    except FileNotFoundError:
+        raise HcdError(f"{split}: file not found (run the split stage first)") from None
+    if not {"id", "side"} <= set(sides.columns):
+        raise HcdError(f"{split}: missing columns {sorted({'id', 'side'} - set(sides.columns))}")
+    if len(sides) != len(idx):
+        raise HcdError(f"{split}: {len(sides)} rows, but {index} has {len(idx)} (rerun split)")
+    if not (sides["id"].to_numpy() == idx["id"].to_numpy()).all():
+        raise HcdError(f"{split}: does not match {index}: other ids or order (rerun split)")
+    return idx, sides

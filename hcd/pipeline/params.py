@@ -119,6 +119,7 @@ class TrainParams(_Strict):
     patience: int = Field(5, ge=0, le=1000)  # early stopping on validation AUC (0: off); the best epoch is kept
     pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | Literal["auto"] | None = None  # BCE positive-class weight (> 0); auto = negatives/positives
     compile: bool = False  # torch.compile the model (CUDA)
+    max_steps: int | None = Field(None, ge=1, le=10**9)  # cap on steps per epoch (smoke runs, benchmarks); recorded in model.json
 
 
 class ModelOverride(_Strict):
@@ -198,9 +199,9 @@ def check_backbone_name(name: str) -> str:
 
 
 def _timm_has(name: str) -> bool:
-    import timm  # imported only when a name needs checking
+    from hcd.model.names import is_backbone  # the shipped name list: no timm (torch) import
 
-    return bool(timm.is_model(name))
+    return is_backbone(name)
 
 
 def _format_error(path: Path | str, err: ValidationError) -> str:

@@ -28,8 +28,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcd.data.tiff import PatchError
 from hcd.errors import HcdError
-from hcd.tiff import PatchError
 
 try:  # ISA-L: ~1.7x faster inflate, ~5x faster crc32 than zlib on these members
     from isal import isal_zlib as _z
@@ -44,7 +44,7 @@ _LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
 
 # A member reference travels to worker processes: plain tuples, no ZipInfo.
-# zip:  (name, header_offset, compress_size, file_size, compress_type, crc, flag_bits)
+# zip:  (name, header_offset, compress_size, file_size, compress_type, crc, flag_bits, extra_len_guess)
 # dir:  (relative path,)
 Ref = tuple
 

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hcd import env
-from hcd.augment import AugmentConfig, augment_batch, crop_batch
-
+from hcd.data.augment import AugmentConfig, augment_batch, crop_batch
 
 
 @functools.lru_cache(maxsize=16)
@@ -113,29 +112,3 @@ class PackedBatches:
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             yield self.gather(order[start : start + batch_size])
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA, then Apple MPS, then CPU (``HCD_DEVICE`` overrides)."""
-    name = requested or env.env_device()
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 (with a grad scaler); None on CPU (fp32, bit-reproducible)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-def set_threads() -> int:
-    """Use every core this process may run on (cgroup/affinity aware), once."""
-    n = env.threads()
-    torch.set_num_threads(n)
-    return n

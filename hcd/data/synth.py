@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hcd.io import atomic_path
-from hcd.params import DemoParams
-from hcd.tiff import encode_patch
+from hcd.atomic import atomic_path
+from hcd.data.tiff import encode_patch
+from hcd.pipeline.params import DemoParams
 
 SIZE = 96
 CENTRE = (32, 64)  # the labelled centre region, [32, 64) on both axes
@@ -247,18 +247,30 @@ def _member(name: str) -> zipfile.ZipInfo:
     return info
 
 
-_G: dict = {}
+class _Renderer:
+    """Renders one archive member from its job ``(split, index)``: made once, sent once to each worker."""
+
+    def __init__(self, p: DemoParams, t: Truth, tr: pd.DataFrame, planted: dict | None, src_pixels: dict[int, np.ndarray]) -> None:
+        self.p, self.t, self.tr, self.planted, self.src = p, t, tr, planted, src_pixels
+        self.slides = _all_slides(p)
+
+    def __call__(self, job: tuple[str, int]) -> bytes:
+        split, i = job
+        row = (self.tr if split == "train" else self.t.test).iloc[i]
+        return _render_member(self.p, split, i, int(row["label"]), self.slides.loc[int(row["slide"])], self.planted, self.src if split == "train" else {})
 
 
-def _render_init(p: DemoParams, t: Truth, tr: pd.DataFrame, planted: dict | None, src_pixels: dict[int, np.ndarray]) -> None:
-    _G.update(p=p, t=t, tr=tr, planted=planted, src=src_pixels, slides=_all_slides(p))
+_WORKER: _Renderer | None = None  # each pool worker's renderer, set once by the pool's initializer
 
 
-def _render_one(job: tuple[str, int]) -> bytes:
-    split, i = job
-    frame = _G["tr"] if split == "train" else _G["t"].test
-    row = frame.iloc[i]
-    return _render_member(_G["p"], split, i, int(row["label"]), _G["slides"].loc[int(row["slide"])], _G["planted"], _G["src"] if split == "train" else {}, _G["t"])
+def _init_worker(renderer: _Renderer) -> None:
+    global _WORKER
+    _WORKER = renderer
+
+
+def _render_in_worker(job: tuple[str, int]) -> bytes:
+    assert _WORKER is not None
+    return _WORKER(job)
 
 
 def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int | None = None, progress: bool = False) -> Truth:
@@ -293,21 +305,21 @@ def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int |
         zf.writestr(_member("sample_submission.csv"), sub.to_csv(index=False, lineterminator="\n"))
         jobs = [("train", int(i)) for i in order_rng.permutation(len(tr))] + [("test", int(i)) for i in order_rng.permutation(len(te))]
         names = [f"{split}/{(tr if split == 'train' else te).iloc[i]['id']}.tif" for split, i in jobs]
+        renderer = _Renderer(p, t, tr, planted, src_pixels)
         if workers > 1 and len(jobs) > 256:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(workers, _render_init, (p, t, tr, planted, src_pixels)) as pool:
-                for k, data in enumerate(pool.imap(_render_one, jobs, chunksize=64)):
+            with mp.get_context(method).Pool(workers, _init_worker, (renderer,)) as pool:
+                for k, data in enumerate(pool.imap(_render_in_worker, jobs, chunksize=64)):
                     zf.writestr(_member(names[k]), data)
                     if progress and k % 5000 == 0:
                         print(f"  demo: {k}/{len(jobs)} patches", flush=True)
         else:
-            _render_init(p, t, tr, planted, src_pixels)
             for k, job in enumerate(jobs):
-                zf.writestr(_member(names[k]), _render_one(job))
+                zf.writestr(_member(names[k]), renderer(job))
     return Truth(tr, te)
 
 
-def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Series, planted: dict | None, src_pixels: dict[int, np.ndarray], t: Truth) -> bytes:
+def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Series, planted: dict | None, src_pixels: dict[int, np.ndarray]) -> bytes:
     if planted is not None:
         if split == "train":
             if i in planted["dark"]:
@@ -321,9 +333,7 @@ def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Seri
             if i in planted["wrong_size"]:
                 return encode_patch(render(p.seed, split, i, label, slide)[:, :95])
             copy_i, src_i = planted["conflict"]
-            if i == copy_i:
-                return encode_patch(src_pixels[src_i])
-            if i == src_i:
+            if i in (copy_i, src_i):  # the conflicting duplicate and its source: the same pixels
                 return encode_patch(src_pixels[src_i])
         else:
             if i in planted["test_bright"]:
@@ -357,7 +367,7 @@ def write_truth(out_dir: str | os.PathLike[str], p: DemoParams) -> None:
     """Test labels and slide groups of the demo (not part of the Kaggle layout)."""
     t = truth(p)
     out = Path(out_dir)
-    from hcd.io import write_csv
+    from hcd.atomic import write_csv
 
     write_csv(out / "demo_test_labels.csv", t.test[["id", "label"]])
     write_csv(out / "demo_slides.csv", pd.concat([t.train, t.test])[["id", "slide"]].rename(columns={"slide": "group"}))

@@ -9,15 +9,12 @@ feature map (like the notebooks' Keras Flatten → Dense heads).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
 from hcd.errors import HcdError
-from hcd.params import _format_error, check_backbone_name
 
 CUSTOM = {"cnn"}
 
@@ -49,42 +46,6 @@ class SmallCNN(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
-
-
-Unit = Annotated[float, Field(ge=0.0, le=1.0)]
-Spread = Annotated[float, Field(ge=1e-3, le=1.0)]  # a std of 0 would divide by zero
-
-
-class ModelMeta(BaseModel):
-    """The keys of ``model.json`` that inference trusts, checked like params before any use."""
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-    backbone: str
-    crop: int = Field(ge=32, le=96)
-    upscale: int | None = Field(ge=32, le=512)
-    mean: tuple[Unit, Unit, Unit]
-    std: tuple[Spread, Spread, Spread]
-    best_epoch: int = Field(ge=1)
-
-    @field_validator("backbone")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_backbone_name(v)
-
-
-def read_model_meta(path: Path) -> dict:
-    """``model.json``, validated (:class:`ModelMeta`); one line naming the file and key otherwise."""
-    from hcd.io import read_json
-
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise HcdError(f"{path}: expected a JSON object")
-    try:
-        ModelMeta.model_validate(raw)
-    except ValidationError as err:
-        raise HcdError(_format_error(path, err).replace("backbones:", "backbone:", 1)) from None
-    return raw
 
 
 def known(name: str) -> bool:

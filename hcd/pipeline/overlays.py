@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 from ruamel.yaml import YAML
 
+from hcd.atomic import atomic_path
 from hcd.errors import HcdError, excerpt
-from hcd.io import atomic_path
-from hcd.params import Params, _format_error
+from hcd.pipeline.params import Params, _format_error
 
 OVERLAY_META = "description"  # an overlay's own note, not a params key
 

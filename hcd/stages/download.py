@@ -28,10 +28,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from hcd.atomic import atomic_path, clean_stale_temps
+from hcd.data.source import DirSource, ZipSource
 from hcd.errors import HcdError
-from hcd.io import atomic_path, clean_stale_temps
-from hcd.params import DataParams, load_params
-from hcd.source import DirSource, ZipSource
+from hcd.pipeline.params import DataParams, load_params
 
 KAGGLE_RULES = "https://www.kaggle.com/competitions/{c}/rules"
 KAGGLE_TMP_PREFIX = ".kaggle-download-"  # the client's scratch folder beside the output; removed on every start
@@ -134,7 +134,7 @@ def download(data: DataParams, dest: str | os.PathLike[str], log=print) -> None:
     for stale in dest.parent.glob(KAGGLE_TMP_PREFIX + "*"):  # a download killed by a signal hcd could not catch
         shutil.rmtree(stale, ignore_errors=True)
     if data.source == "demo":
-        from hcd.synth import write_archive
+        from hcd.data.synth import write_archive
 
         d = data.demo
         log(f"download: generating the demo dataset ({d.n_train} train + {d.n_test} test patches, seed {d.seed})")

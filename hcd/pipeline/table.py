@@ -13,7 +13,7 @@ output (``gather``) depends on the enclosing folder in DVC (DVC orders it after
 every stage writing inside) and on the expanded file list in Snakemake.
 
 Code dependencies name the stage's own modules (not the shared plumbing in
-``hcd/io.py``, ``hcd/params.py``, ``hcd/cli.py``), so adding a params key for a
+``hcd/atomic.py``, ``hcd/pipeline/params.py``, ``hcd/cli.py``), so adding a params key for a
 later stage does not rerun the data stages.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from hcd.errors import HcdError
-from hcd.params import Params, lookup
+from hcd.pipeline.params import Params, lookup
 
 PARAMS_FILE = "params.yaml"
 CHECKED = "data/check/params.json"  # written by the check stage; every other stage depends on it
@@ -43,6 +43,8 @@ PREDICTIONS = "predictions"
 PLOTS = "plots"
 SUBMISSION = "results/submission.csv"
 ITEM = "{item}"  # the backbone, in per-backbone stages
+LOGS = "logs"  # Snakemake's per-job log files (git- and DVC-ignored)
+SNAKEMAKE_LOG_SUFFIX = " 2>&1 | tee {log}"  # the stage's output to the terminal and to its log (bash runs with pipefail)
 
 HEADER = """\
 # Generated from hcd/pipeline.py by `hcd pipeline write` — do not edit by hand.
@@ -70,6 +72,11 @@ class Stage:
     @property
     def cmd(self) -> str:
         return " ".join(("python", self.script, *self.args))
+
+    @property
+    def log(self) -> str:
+        """Where Snakemake keeps the stage's output (DVC prints it only)."""
+        return f"{LOGS}/{self.name}/{ITEM}.log" if self.per_backbone else f"{LOGS}/{self.name}.log"
 
     @property
     def inputs(self) -> list[str]:
@@ -102,7 +109,9 @@ class Stage:
 
 # The modules whose code decides a model's weights: the train stage depends on them, and a
 # training checkpoint's run key (hcd.checkpoint) hashes them.
-TRAIN_CODE = ("train", "checkpoint", "models", "augment", "data", "packed", "env")
+# Inference code (model loading, preprocessing, TTA) is shared by predict and train's validation pass.
+INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
+TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", *INFER_CODE)
 
 
 def _code(*modules: str) -> tuple[str, ...]:
@@ -119,31 +128,35 @@ STAGES: tuple[Stage, ...] = _gated((
         name="check",
         script="workflow/scripts/check.py",
         args=(PARAMS_FILE, "--out", CHECKED),
-        deps=(PARAMS_FILE, *_code("check", "params", "errors")),
+        deps=(PARAMS_FILE, *_code("stages/check", "pipeline/params", "errors")),
         outs=(CHECKED,),
     ),
     Stage(
         name="download",
         script="workflow/scripts/download.py",
         args=("--out", RAW),
-        deps=_code("download", "synth", "source", "tiff", "env", "redact"),
+        deps=_code("stages/download", "data/synth", "data/source", "data/tiff", "env", "redact"),
         outs=(RAW,),
         params=("data",),
+
+        threads="all",  # the demo renders in worker processes
     ),
     Stage(
         name="scan",
         script="workflow/scripts/scan.py",
         args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
-        deps=(RAW, *_code("scan", "source", "tiff", "packed", "env")),
+        deps=(RAW, *_code("stages/scan", "data/source", "data/tiff", "data/packed", "env")),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
         metrics=(f"{METRICS}/scan.json",),
         params=("scan",),
+
+        threads="all",  # decodes in worker processes (HCD_WORKERS)
     ),
     Stage(
         name="split",
         script="workflow/scripts/split.py",
         args=(f"{PACKED}/train_index.csv", "--out", f"{SPLIT}/split.csv", "--balance", f"{METRICS}/split.json"),
-        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, *_code("split")),
+        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, *_code("stages/split", "data/packed")),
         outs=(f"{SPLIT}/split.csv",),
         metrics=(f"{METRICS}/split.json",),
         params=("split",),
@@ -152,7 +165,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="stats",
         script="workflow/scripts/stats.py",
         args=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", "--out", STATS),
-        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *_code("stats", "packed")),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *_code("stages/stats", "data/packed")),
         outs=(STATS,),
     ),
     Stage(
@@ -172,8 +185,8 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="predict",
         script="workflow/scripts/predict.py",
-        args=(ITEM, "--models", "models", "--packed-dir", PACKED, "--split", f"{SPLIT}/split.csv", "--out", PREDICTIONS),
-        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("predict", "train", "models", "augment", "data", "packed", "env")),
+        args=(ITEM, "--model-dir", f"models/{ITEM}", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--test-x", f"{PACKED}/test_x.npy", "--test-index", f"{PACKED}/test_index.csv", "--val-out", f"{PREDICTIONS}/{ITEM}/val.csv", "--test-out", f"{PREDICTIONS}/{ITEM}/test.csv"),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("stages/predict", *INFER_CODE)),
         outs=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         params=("predict",),
         per_backbone=True,
@@ -184,7 +197,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="ensemble",
         script="workflow/scripts/ensemble.py",
         args=("--predictions", PREDICTIONS, "--test-index", f"{PACKED}/test_index.csv", "--out-dir", "results/ensemble", "--submission", SUBMISSION),
-        deps=(f"{PACKED}/test_index.csv", *_code("ensemble")),
+        deps=(f"{PACKED}/test_index.csv", *_code("stages/ensemble")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
         params=("backbones", "ensemble", "seed"),
@@ -193,7 +206,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="metrics",
         script="workflow/scripts/metrics.py",
         args=("--predictions", PREDICTIONS, "--ensemble", "results/ensemble/val.csv", "--out", f"{METRICS}/metrics.json", "--plots", PLOTS),
-        deps=("results/ensemble/val.csv", *_code("evaluate")),
+        deps=("results/ensemble/val.csv", *_code("stages/metrics", "scoring")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv",),
         uncached=(f"{METRICS}/metrics.json", PLOTS),
         params=("backbones", "metrics"),
@@ -225,8 +238,11 @@ def wildcard(path: str) -> str:
     return path.replace(ITEM, "{backbone}")
 
 
-def snakemake_shell(stage: Stage) -> str:
-    return stage.cmd.replace(ITEM, "{wildcards.backbone}")
+def snakemake_command(stage: Stage):
+    """The stage's command for one job: a string, or for per-backbone stages a function of the job's wildcards."""
+    if not stage.per_backbone:
+        return stage.cmd
+    return lambda wildcards: stage.cmd.replace(ITEM, wildcards.backbone)
 
 
 def snakemake_inputs(stage: Stage, backbones: list[str], root: Path = Path(".")) -> list[str]:
@@ -262,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "show":
         sys.stdout.write(text)
     elif args.action == "write":
-        from hcd.io import atomic_path
+        from hcd.atomic import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(text)

@@ -36,6 +36,28 @@ _SIGNATURES = (  # what a non-TIFF "patch" usually is, for a clearer message
 # TIFF field types -> (struct code, size)
 _TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
 
+# The baseline tags the fast path reads (TIFF 6.0 numbers).
+WIDTH, HEIGHT, BITS, COMPRESSION, PHOTOMETRIC = 256, 257, 258, 259, 262
+STRIP_OFFSETS, SAMPLES, ROWS_PER_STRIP, STRIP_BYTES, PLANAR = 273, 277, 278, 279, 284
+EXTRA_SAMPLES, SAMPLE_FORMAT = 338, 339
+_READ_TAGS = frozenset({WIDTH, HEIGHT, BITS, COMPRESSION, PHOTOMETRIC, STRIP_OFFSETS, SAMPLES, ROWS_PER_STRIP, STRIP_BYTES, PLANAR, EXTRA_SAMPLES, SAMPLE_FORMAT})
+
+
+def _is_kaggle_layout(tags: dict[int, tuple[int, ...]]) -> bool:
+    """96x96, 3 samples of 8-bit unsigned integers, uncompressed, RGB, chunky, no extra (alpha) samples."""
+    h, w, c = PATCH_SHAPE
+    return (
+        tags.get(WIDTH) == (w,)
+        and tags.get(HEIGHT) == (h,)
+        and tags.get(SAMPLES, (1,)) == (c,)
+        and tags.get(BITS) in ((8, 8, 8), (8,))
+        and tags.get(COMPRESSION, (1,)) == (1,)  # none
+        and tags.get(PHOTOMETRIC) == (2,)  # RGB
+        and tags.get(PLANAR, (1,)) == (1,)  # chunky: RGBRGB...
+        and tags.get(SAMPLE_FORMAT, (1,)) in ((1,), (1, 1, 1))  # unsigned integer
+        and EXTRA_SAMPLES not in tags
+    )
+
 
 # Layouts already parsed by _fast_ifd, by file length: (byte ranges the parser read, their
 # bytes). Kaggle's files differ only in a DateTime string the parser never reads, so after
@@ -70,7 +92,7 @@ def _fast_ifd(data: bytes, bo: str) -> np.ndarray | None:
         tags: dict[int, tuple[int, ...]] = {}
         for k in range(n):
             tag, typ, count, raw = struct.unpack_from(bo + "HHI4s", data, ifd + 2 + 12 * k)
-            if tag not in (256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 338, 339):
+            if tag not in _READ_TAGS:
                 continue
             code, size = _TYPES.get(typ, (None, 0))
             if code is None or count > 1024:
@@ -83,10 +105,9 @@ def _fast_ifd(data: bytes, bo: str) -> np.ndarray | None:
                 ranges.append((off, off + count * size))
     except struct.error:
         return None
-    h, w, c = PATCH_SHAPE
-    if tags.get(256) != (w,) or tags.get(257) != (h,) or tags.get(277, (1,)) != (c,) or tags.get(258) not in ((8, 8, 8), (8,)) or tags.get(259, (1,)) != (1,) or tags.get(262) != (2,) or tags.get(284, (1,)) != (1,) or tags.get(339, (1,)) not in ((1,), (1, 1, 1)) or 338 in tags:
+    if not _is_kaggle_layout(tags):
         return None
-    offsets, counts = tags.get(273, ()), tags.get(279, ())
+    offsets, counts = tags.get(STRIP_OFFSETS, ()), tags.get(STRIP_BYTES, ())
     if not offsets or len(offsets) != len(counts) or sum(counts) != PATCH_BYTES:
         return None
     if any(o + k > len(data) for o, k in zip(offsets, counts)):

@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 
 from hcd import env
+from hcd.atomic import Commit, clean_stale_temps
+from hcd.data.packed import PackWriter, read_row
+from hcd.data.source import ID_RE, DirSource, Ref, ZipSource, open_source
+from hcd.data.tiff import PatchError, decode_patch
 from hcd.errors import HcdError, excerpt
-from hcd.io import Commit, clean_stale_temps
-from hcd.packed import PackWriter, read_row
-from hcd.params import ScanParams, load_params
-from hcd.source import ID_RE, DirSource, Ref, ZipSource, open_source
-from hcd.tiff import PatchError, decode_patch
+from hcd.pipeline.params import ScanParams, load_params
 
 try:
     from isal import isal_zlib as _z
@@ -209,12 +209,13 @@ def _table_checks(table: pd.DataFrame, split: str, flags: _Flags, check_label: b
         table = table[good]
     dup = table["id"].duplicated(keep=False)
     if dup.any():
+        conflicting = set()  # ids whose rows disagree on the label: every row dropped
         for pid, grp in table[dup].groupby("id", sort=False):
             if check_label and grp["label"].nunique() > 1:
                 flags.add(split, pid, "duplicate_id", f"{len(grp)} rows with conflicting labels", True)
+                conflicting.add(pid)
             else:
                 flags.add(split, pid, "duplicate_id", f"{len(grp)} rows; first kept", False)
-        conflicting = {pid for (s, pid), (r, d, _) in flags.rows.items() if s == split and r == "duplicate_id" and "conflicting" in d}
         table = table[~table["id"].isin(conflicting)].drop_duplicates("id", keep="first")
     return table.reset_index(drop=True)
 
@@ -253,13 +254,16 @@ def scan(archive: str | os.PathLike[str], out: ScanOutputs, params: ScanParams, 
 
     out.train_x.parent.mkdir(parents=True, exist_ok=True)
     with Commit() as commit:  # every output renamed into place together, after all are written
-        train_x = commit.path(out.train_x)
-        train_summary, train_prints = _pack_train(source, listing.train, train, out, train_x, commit, params, flags, workers, log)
+        ctx = _Packing(source, out, commit, params, flags, workers)
+        try:
+            train_x = commit.path(out.train_x)
+            train_summary, train_prints = _pack_train(ctx, listing.train, train, train_x)
 
-        # ---- test: every sample_submission id, in its order
-        test = _table_checks(sub_tab.assign(label="0"), "test", flags, check_label=False)
-        test_summary = _pack_test(source, listing.test, test, out, train_x, commit, params, flags, train_prints, workers, log)
-        source.close()
+            # ---- test: every sample_submission id, in its order
+            test = _table_checks(sub_tab.assign(label="0"), "test", flags, check_label=False)
+            test_summary = _pack_test(ctx, listing.test, test, train_x, train_prints)
+        finally:
+            source.close()
 
         report = flags.frame()
         commit.csv(out.report, report)
@@ -273,7 +277,21 @@ def scan(archive: str | os.PathLike[str], out: ScanOutputs, params: ScanParams, 
     return summary
 
 
-def _pack_train(source, members: dict[str, Ref], train: pd.DataFrame, out: ScanOutputs, tmp: Path, commit: Commit, params: ScanParams, flags: _Flags, workers: int, log) -> tuple[dict, dict[int, int]]:
+@dataclass(frozen=True)
+class _Packing:
+    """What packing the train and test sides share: the source, the outputs, the flags."""
+
+    source: ZipSource | DirSource
+    out: ScanOutputs
+    commit: Commit
+    params: ScanParams
+    flags: _Flags
+    workers: int
+
+
+def _pack_train(ctx: _Packing, members: dict[str, Ref], train: pd.DataFrame, tmp: Path) -> tuple[dict, dict[int, int]]:
+    """Decode every labelled patch into its slot, flag outliers and duplicates, compact: (summary, fingerprint -> row)."""
+    source, out, commit, params, flags, workers = ctx.source, ctx.out, ctx.commit, ctx.params, ctx.flags, ctx.workers
     n = len(train)
     writer = PackWriter(tmp, n)
     results = _decode_all(source, list(enumerate(members[i] for i in train["id"])), tmp, workers)
@@ -341,7 +359,9 @@ def _flag_duplicates(slots: list[int], ids: np.ndarray, labels: np.ndarray, keep
             keep[s] = False
 
 
-def _pack_test(source, members: dict[str, Ref], test: pd.DataFrame, out: ScanOutputs, train_x: Path, commit: Commit, params: ScanParams, flags: _Flags, train_prints: dict[int, int], workers: int, log) -> dict:
+def _pack_test(ctx: _Packing, members: dict[str, Ref], test: pd.DataFrame, train_x: Path, train_prints: dict[int, int]) -> dict:
+    """Every sample_submission id in its order; a missing or defective patch is flagged and packed as zeros."""
+    source, out, commit, params, flags, workers = ctx.source, ctx.out, ctx.commit, ctx.params, ctx.flags, ctx.workers
     ids = test["id"].to_numpy()
     listed = set(ids)
     for pid in sorted(set(members) - listed):

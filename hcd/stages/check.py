@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hcd.io import clean_stale_temps, write_json
-from hcd.params import load_params
+from hcd.atomic import clean_stale_temps, write_json
+from hcd.pipeline.params import load_params
 
 MARKER = {"params.yaml": "valid", "checked_by": "hcd check (hcd/check.py)"}  # constant: reruns nothing downstream
 

@@ -25,9 +25,9 @@ from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from hcd.atomic import Commit, clean_stale_temps
 from hcd.errors import HcdError, excerpt
-from hcd.io import Commit, clean_stale_temps
-from hcd.params import load_params
+from hcd.pipeline.params import load_params
 
 
 def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[float] | None]:

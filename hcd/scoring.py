@@ -1,32 +1,23 @@
-"""Stage ``metrics``, and ``hcd score``: how good are the predictions?
+"""Scoring predictions: ROC AUC with a bootstrap interval, thresholds, and ``hcd score``.
 
-Per backbone and for the ensemble, on the validation side: ROC AUC with a
-bootstrap 95 % interval, log loss, and accuracy / sensitivity / specificity at
-0.5 and at the Youden threshold (max sensitivity + specificity - 1). Writes
-``metrics/metrics.json`` (a top-level DVC metric) and ROC, precision-recall and
-confusion-matrix data under ``plots/`` (top-level DVC plots).
-
-``hcd score SUBMISSION LABELS`` scores any submission against a labels CSV
-(id,label) — a local leaderboard for whoever holds test labels.
+``hcd score PREDICTIONS LABELS`` scores a submission (``id,label``) or a
+backbone's predictions (``id,prob``) against a labels CSV (``id,label``, 0 or 1) —
+a local leaderboard for whoever holds test labels. Duplicate ids, labels other
+than 0/1, non-finite predictions, empty, non-UTF-8 or zipped files are refused
+with one line naming the file and the first bad value.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import log_loss, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 from hcd.errors import HcdError, excerpt
-from hcd.io import Commit, clean_stale_temps
-from hcd.params import load_params
-
-MAX_CURVE_POINTS = 400  # plots stay small enough for git
 
 
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int, seed: int) -> tuple[float, float]:
@@ -69,45 +60,6 @@ def score(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> di
         "at_youden": at_threshold(y, p, min(youden, 1.0)),
         "n": int(len(y)),
     }
-
-
-def _thin(frame: pd.DataFrame) -> pd.DataFrame:
-    if len(frame) <= MAX_CURVE_POINTS:
-        return frame
-    keep = np.unique(np.linspace(0, len(frame) - 1, MAX_CURVE_POINTS).round().astype(int))
-    return frame.iloc[keep]
-
-
-def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_out: Path, plots_dir: Path, n_boot: int, seed: int, log=print) -> dict:
-    sources = {b: pred_dir / b / "val.csv" for b in backbones}
-    sources["ensemble"] = ensemble_val
-    out: dict = {}
-    curves: dict[str, dict] = {}
-    for name, path in sources.items():
-        try:
-            frame = pd.read_csv(path, dtype={"id": str})
-        except FileNotFoundError:
-            raise HcdError(f"{path}: not found (run predict / ensemble first)") from None
-        y, p = frame["label"].to_numpy(), frame["prob"].to_numpy()
-        out[name] = score(y, p, n_boot, seed)
-        fpr, tpr, _ = roc_curve(y, p)
-        prec, rec, _ = precision_recall_curve(y, p)
-        curves[f"roc/{name}.json"] = {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")}
-        curves[f"prc/{name}.json"] = {"prc": _thin(pd.DataFrame({"recall": rec, "precision": prec})).to_dict("records")}
-        if name == "ensemble":
-            pred = (p >= 0.5).astype(int)
-            curves["confusion.json"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}
-        m = out[name]
-        log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
-    best = max(backbones, key=lambda b: out[b]["auc"])
-    out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
-    with Commit() as commit:  # the plots folder is rebuilt whole: no curve of a removed backbone lingers
-        folder = commit.dir(plots_dir)
-        for rel, obj in curves.items():  # plain writes: a failure names the plots folder, which stays as it was
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_text(json.dumps(obj, indent=2) + "\n")
-        commit.json(metrics_out, out)
-    return out
 
 
 MAX_TABLE_BYTES = 256 * 2**20  # Kaggle's test set is 57,458 rows (~3 MB); far larger is not a submission
@@ -171,19 +123,6 @@ def score_submission(submission: Path, labels: Path, n_boot: int = 1000) -> dict
     if merged["y"].nunique() != 2:
         raise HcdError(f"{labels}: every label is {int(merged['y'].iloc[0])}; AUC needs both classes")
     return score(merged["y"].to_numpy(), merged["p"].to_numpy(dtype=float), n_boot, 0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="metrics", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", default="predictions")
-    ap.add_argument("--ensemble", default="results/ensemble/val.csv")
-    ap.add_argument("--out", default="metrics/metrics.json")
-    ap.add_argument("--plots", default="plots")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    p = load_params(args.params)
-    clean_stale_temps(args.out, args.plots)
-    evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
 
 
 def score_main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""How training runs: the device and its precision, seeding, optimizer and schedule, the hot loop."""

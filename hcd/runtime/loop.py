@@ -1,0 +1,84 @@
+"""The training hot loop, shared by the train stage and the speed benchmark."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hcd.data.augment import AugmentConfig
+from hcd.data.batches import PackedBatches, Preprocess
+from hcd.errors import HcdError
+from hcd.runtime.device import autocast_dtype
+
+
+@dataclass
+class Trainer:
+    """Everything one training step needs besides the batch: built once per run."""
+
+    model: torch.nn.Module  # the parameters (and train/eval mode)
+    fwd: torch.nn.Module  # what runs the forward pass: the model, or its torch.compile'd wrapper
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    prep: Preprocess
+    aug: AugmentConfig
+    gen_order: torch.Generator  # batch order
+    gen_aug: torch.Generator  # augmentation draws
+    batch_size: int
+    device: torch.device
+    name: str = "model"  # for messages and the progress bar
+    epochs: int = 1  # for the progress bar
+    scaler: torch.amp.GradScaler | None = None
+    pos_weight: torch.Tensor | None = None
+    channels_last: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channels_last = self.device.type == "cuda"
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+
+
+def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True) -> tuple[float, int]:
+    """One epoch (or ``max_steps`` steps) of the hot loop; returns (summed loss, patches seen).
+
+    Per step: one gather from the packed array (or the GPU-resident copy), batched
+    augmentation and normalisation on the device, autocast forward, backward, step.
+    The loss is summed on the device and read back once per epoch; on a GPU the
+    finite-loss check (a sync) runs every 50 steps only, on the CPU every step.
+    """
+    from tqdm import tqdm
+
+    dtype = autocast_dtype(t.device)
+    t.model.train()
+    n_steps = len(source) // t.batch_size
+    if max_steps is not None:
+        n_steps = min(n_steps, max_steps)
+    losses = torch.zeros((), device=t.device, dtype=torch.float64)
+    seen = 0
+    bar = tqdm(total=n_steps * t.batch_size, unit="patch", unit_scale=True, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress else True)
+    for step, (xb, yb) in enumerate(source.batches(t.batch_size, t.gen_order, drop_last=True)):
+        if step >= n_steps:
+            break
+        xin = t.prep(xb, t.device, t.aug, t.gen_aug, t.channels_last)
+        y = yb.to(t.device, non_blocking=True).view(-1, 1)
+        with torch.autocast(t.device.type, dtype=dtype, enabled=dtype is not None):
+            logit = t.fwd(xin).float()
+        loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=t.pos_weight)
+        if (t.device.type == "cpu" or step % 50 == 0) and not torch.isfinite(loss):
+            raise HcdError(f"train {t.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {t.opt.param_groups[0]['lr']:.3g} — lower lr or check the data; model not written")
+        t.opt.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.sched.step()
+        losses += loss.detach().double() * len(y)
+        seen += len(y)
+        bar.update(len(y))
+    bar.close()
+    total = float(losses)
+    if not math.isfinite(total):
+        raise HcdError(f"train {t.name}: loss became non-finite during epoch {epoch + 1} (lr {t.opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
+    return total, seen

@@ -1,0 +1,6 @@
+"""One module per pipeline stage, each a ``main(argv)`` that parses the command line the
+stage table (:mod:`hcd.pipeline.table`) gives it and calls the stage's ``run``-style function."""
+
+# In pipeline order. The stage table (hcd.pipeline.table), the `hcd` command and the thin
+# scripts in workflow/scripts/ all follow these names; tests/test_pipeline.py checks it.
+NAMES = ("check", "download", "scan", "split", "stats", "train", "predict", "ensemble", "metrics")

@@ -1,0 +1,254 @@
+"""Stage ``train`` (one per backbone): fit a classifier on the training side of the split.
+
+Reads the packed array batch-wise, normalises with the ``stats`` stage, augments
+on the model's device, and keeps the epoch with the best validation AUC (early
+stopping after ``train.patience`` epochs without improvement). Per epoch, train
+loss, validation loss and validation AUC go to dvclive (``dvclive/<backbone>/``),
+so ``dvc plots show`` draws the curves and ``dvc exp show`` tabulates them.
+
+Device: CUDA (bf16 autocast, or fp16 with a grad scaler; channels_last) →
+Apple MPS → CPU. On the CPU, fp32 with deterministic algorithms and seeded
+generators: two runs with the same params give bit-identical weights.
+
+Writes ``models/<backbone>/model.safetensors`` (weights only: loading runs no
+code) and ``model.json`` (architecture, preprocessing, best epoch, history).
+
+After every epoch but the last, ``models/<backbone>/checkpoint.pt`` holds the
+full training state (:mod:`hcd.checkpoint`); a killed run restarted with the
+same params, data and code resumes there and ends bit-identical (CPU) to an
+uninterrupted one. A NaN/inf loss stops training with the epoch, step and
+learning rate and keeps the last good checkpoint; CUDA out-of-memory names the
+batch size and a smaller one to try. The model files are written only at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from hcd.atomic import Commit, clean_stale_temps, read_json
+from hcd.data.augment import AugmentConfig
+from hcd.data.batches import PackedBatches, Preprocess
+from hcd.data.packed import open_packed, read_split
+from hcd.errors import HcdError
+from hcd.model import checkpoint
+from hcd.model.factory import build_model, classifier_params
+from hcd.model.inference import predict_probs
+from hcd.model.weights import save_model
+from hcd.pipeline.params import Params, TrainParams, load_params
+from hcd.runtime.device import autocast_dtype, oom_message, pick_device, set_threads
+from hcd.runtime.loop import Trainer, train_steps
+from hcd.runtime.optim import make_optimizer, make_schedule
+from hcd.runtime.seeding import seed_everything
+
+
+@dataclass
+class Inputs:
+    """The training and validation sides of the packed array, and how the model sees a patch."""
+
+    train: PackedBatches
+    val: PackedBatches
+    y_train: np.ndarray
+    y_val: np.ndarray
+    prep: Preprocess
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the optimizer: the best epoch so far, the history, early stopping."""
+
+    best: dict
+    history: list[dict]
+    bad_epochs: int = 0
+    start: int = 0  # epochs already done
+    stopped: bool = False
+
+
+def load_inputs(backbone: str, cfg: TrainParams, packed: Path, index: Path, split: Path, stats: Path, device: torch.device) -> Inputs:
+    x = open_packed(packed)
+    idx, sides = read_split(index, split, n_rows=len(x))
+    st = read_json(stats)
+    prep = Preprocess(cfg.crop, cfg.upscale, tuple(st["mean"]), tuple(st["std"]))
+    is_train = (sides["side"] == "train").to_numpy()
+    labels = idx["label"].to_numpy()
+    check_sides(backbone, cfg, labels[is_train], labels[~is_train], split)
+    rows = idx["row"].to_numpy()
+    train_src = PackedBatches(x, rows[is_train], labels[is_train], device=device)
+    val_src = PackedBatches(x, rows[~is_train], labels[~is_train], device=device)
+    return Inputs(train_src, val_src, labels[is_train], labels[~is_train], prep)
+
+
+def check_sides(backbone: str, cfg: TrainParams, y_train: np.ndarray, y_val: np.ndarray, split: Path) -> None:
+    """Refuse, before anything is trained or written, data a model cannot honestly learn or be judged on."""
+    key = f"models.{backbone}.batch_size (or train.batch_size)"
+    if len(y_train) < cfg.batch_size:
+        raise HcdError(f"train {backbone}: batch size {cfg.batch_size} is larger than the {len(y_train)} training patches, so no step would be taken; set {key} to {max(2, len(y_train))} or lower")
+    for side, y in (("training", y_train), ("validation", y_val)):
+        counts = np.bincount(y.astype(np.int64), minlength=2)
+        if len(y) == 0 or counts.min() == 0:
+            raise HcdError(f"{split}: the {side} side holds {counts[0]} negative and {counts[1]} positive patches; both classes are needed (rerun split with other split.* params)")
+
+
+def build_trainer(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs: Inputs, device: torch.device) -> Trainer:
+    model = build_model(backbone, cfg.pretrained).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    opt = make_optimizer(model, cfg, lr)
+    sched = make_schedule(opt, cfg, lr, max(1, len(inputs.train) // cfg.batch_size))
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device) == torch.float16)
+    pos = float(inputs.y_train.mean())
+    pos_weight = None
+    if cfg.pos_weight == "auto":
+        pos_weight = torch.tensor((1 - pos) / pos, device=device)
+    elif cfg.pos_weight is not None:
+        pos_weight = torch.tensor(float(cfg.pos_weight), device=device)
+    aug = AugmentConfig(**cfg.augment.model_dump())
+    gen_order = torch.Generator().manual_seed(seed)
+    gen_aug = torch.Generator().manual_seed(seed + 1)
+    return Trainer(model, fwd, opt, sched, inputs.prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, cfg.epochs, scaler, pos_weight)
+
+
+def resume(t: Trainer, ckpt_path: Path, key: str, log) -> Progress:
+    """The progress of a checkpoint of this very run (same key), with every state restored; else a fresh start."""
+    fresh = Progress(best={"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}, history=[])
+    state = checkpoint.load(ckpt_path, key, log)
+    if state is None:
+        return fresh
+    t.model.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["optimizer"])
+    t.sched.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"], t.gen_order, t.gen_aug)
+    log(f"train {t.name}: resuming after epoch {state['epoch']} from {ckpt_path}")
+    return Progress(state["best"], state["history"], state["bad_epochs"], state["epoch"], state["stopped"])
+
+
+def run_epoch(t: Trainer, inputs: Inputs, epoch: int, max_steps: int | None, ckpt_path: Path) -> dict:
+    """Train one epoch, then score the validation side: the epoch's record."""
+    try:
+        total, seen = train_steps(t, inputs.train, epoch, max_steps=max_steps)
+        if seen == 0:  # never write a model that took no step
+            raise HcdError(f"train {t.name}: epoch {epoch + 1} took no training step ({len(inputs.train)} patches, batch size {t.batch_size}); model not written")
+        p_val = predict_probs(t.fwd, inputs.val, inputs.prep, t.device, max(t.batch_size, 256))
+    except torch.OutOfMemoryError:
+        raise HcdError(oom_message(f"train {t.name}", t.device, t.batch_size, f"models.{t.name}.batch_size (or train.batch_size)")) from None
+    except HcdError as err:
+        if ckpt_path.exists():
+            raise HcdError(f"{err}; the last good checkpoint (epoch {epoch}) is kept: {ckpt_path}") from None
+        raise
+    val_loss = float(F.binary_cross_entropy(torch.from_numpy(p_val).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(inputs.y_val).double()))
+    auc = float(roc_auc_score(inputs.y_val, p_val))  # both classes on the validation side: check_sides
+    return {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss, "val_auc": auc, "lr": t.opt.param_groups[0]["lr"]}
+
+
+def update_best(t: Trainer, prog: Progress, rec: dict, patience: int, log) -> None:
+    """Keep the weights of the epoch with the best validation AUC; stop after ``patience`` epochs without one."""
+    if prog.best["state"] is None or rec["val_auc"] > prog.best["score"]:
+        prog.best = {"auc": rec["val_auc"], "score": rec["val_auc"], "epoch": rec["epoch"], "state": {k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()}}
+        prog.bad_epochs = 0
+        return
+    prog.bad_epochs += 1
+    if patience and prog.bad_epochs >= patience:
+        log(f"train {t.name}: no better validation AUC for {patience} epochs; stopping")
+        prog.stopped = True
+
+
+def save_checkpoint(t: Trainer, prog: Progress, ckpt_path: Path, key: str, epochs_done: int) -> None:
+    state = {"key": key, "epoch": epochs_done, "model": t.model.state_dict(), "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict()}
+    state |= {"rng": checkpoint.rng_state(t.gen_order, t.gen_aug), "best": prog.best, "history": prog.history, "bad_epochs": prog.bad_epochs, "stopped": prog.stopped}
+    checkpoint.save(ckpt_path, state)
+
+
+def train(backbone: str, params: Params, packed: Path, index: Path, split: Path, stats: Path, out_dir: Path, live_dir: Path, log=print) -> dict:
+    lr, cfg = params.for_backbone(backbone)
+    seed = params.seed
+    max_steps = cfg.max_steps  # smoke runs and benchmarks: a declared param, recorded in model.json
+    seed_everything(seed)
+    threads = set_threads()
+    device = pick_device()
+    inputs = load_inputs(backbone, cfg, packed, index, split, stats, device)
+    t = build_trainer(backbone, cfg, lr, seed, inputs, device)
+    head = set(map(id, classifier_params(t.model)))
+
+    from dvclive import Live
+
+    ckpt_path = out_dir / checkpoint.NAME
+    settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": checkpoint.device_identity(device), "threads": threads, "max_steps": max_steps}
+    key = checkpoint.run_key(settings, packed, [index, split, stats])
+    prog = resume(t, ckpt_path, key, log)
+    log(f"train {backbone}: {len(inputs.train)} train / {len(inputs.val)} val patches, {device.type}, {threads} threads, lr {lr:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
+    t_start = time.perf_counter()
+    with Commit() as commit:  # curves and model files appear together, only when training has finished
+        with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for rec in prog.history:  # a resumed run rewrites the curves of the epochs before the kill
+                _log_epoch(live, rec)
+            for epoch in range(prog.start, cfg.epochs):
+                if prog.stopped:
+                    break
+                frozen = epoch < cfg.freeze_epochs and bool(head)
+                for p in t.model.parameters():
+                    p.requires_grad_(not frozen or id(p) in head)
+                rec = run_epoch(t, inputs, epoch, max_steps, ckpt_path)
+                prog.history.append(rec)
+                _log_epoch(live, rec)
+                log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, val AUC {rec['val_auc']:.4f}")
+                update_best(t, prog, rec, cfg.patience, log)
+                if epoch + 1 < cfg.epochs and not prog.stopped:  # after the last epoch, model.safetensors is written instead
+                    save_checkpoint(t, prog, ckpt_path, key, epoch + 1)
+            live.summary["best/val_auc"] = prog.best["auc"]
+            live.summary["best/epoch"] = prog.best["epoch"]
+        log(f"train {backbone}: best val AUC {prog.best['auc']:.4f} at epoch {prog.best['epoch']}; {time.perf_counter() - t_start:.0f} s")
+        meta = {  # deterministic: no wall times, so reruns and both engines give identical files
+            "backbone": backbone,
+            "crop": cfg.crop,
+            "upscale": cfg.upscale,
+            "mean": list(inputs.prep.mean),
+            "std": list(inputs.prep.std),
+            "best_epoch": prog.best["epoch"],
+            "best_val_auc": prog.best["auc"],
+            "epochs_run": len(prog.history),
+            "device": device.type,
+            "lr": lr,
+            "train": cfg.model_dump(mode="json", exclude=set() if cfg.max_steps else {"max_steps"}),  # a full run's file stays as before max_steps existed
+            "seed": seed,
+            "history": prog.history,
+        }
+        save_model(out_dir, prog.best["state"], meta, commit)
+    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
+    return meta
+
+
+def _log_epoch(live, rec: dict) -> None:
+    live.log_metric("train/loss", rec["train_loss"])
+    live.log_metric("val/loss", rec["val_loss"])
+    live.log_metric("val/auc", rec["val_auc"])
+    live.next_step()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="hcd train", description=__doc__.splitlines()[0])
+    ap.add_argument("backbone", help="a name in params.yaml's backbones")
+    ap.add_argument("--packed", required=True, help="packed training patches (data/packed/train_x.npy)")
+    ap.add_argument("--index", required=True, help="their index (data/packed/train_index.csv)")
+    ap.add_argument("--split", required=True, help="train/validation sides (data/split/split.csv)")
+    ap.add_argument("--stats", required=True, help="channel statistics for normalisation (data/stats/stats.json)")
+    ap.add_argument("--out-dir", required=True, help="model.safetensors, model.json and the checkpoint (models/<backbone>)")
+    ap.add_argument("--live-dir", required=True, help="dvclive curves (dvclive/<backbone>)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads seed, lr, train.*, models.*)")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    if args.backbone not in params.backbones:
+        raise HcdError(f"backbones: {args.backbone!r} is not in {params.backbones}")
+    out, live = Path(args.out_dir), Path(args.live_dir)
+    clean_stale_temps(out / "model.safetensors", out / "model.json", out / checkpoint.NAME, live)
+    train(args.backbone, params, Path(args.packed), Path(args.index), Path(args.split), Path(args.stats), out, live, log=lambda m: print(m, file=sys.stderr))
