@@ -10,13 +10,13 @@ with one line naming the file and the first bad value.
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
+from hcd.data.tables import read_csv_bytes
 from hcd.errors import HcdError, excerpt
 
 
@@ -77,17 +77,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise HcdError(f"{path}: a folder, not a CSV file") from None
     if data.startswith(b"PK\x03\x04"):
         raise HcdError(f"{path}: a zip archive, not a CSV (extract the CSV from it first)")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise HcdError(f"{path}: not UTF-8 text") from None
-    if not text.strip():
-        raise HcdError(f"{path}: empty file")
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise HcdError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    frame = read_csv_bytes(data, str(path))
     if "id" not in frame.columns:
         raise HcdError(f"{path}: no 'id' column (found {excerpt(','.join(frame.columns))})")
     frame["id"] = frame["id"].str.strip()

@@ -23,10 +23,8 @@ is flagged and packed as zeros, so every id still gets a prediction.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -41,6 +39,7 @@ from hcd import env
 from hcd.atomic import Commit, clean_stale_temps
 from hcd.data.packed import PackWriter, read_row
 from hcd.data.source import ID_RE, DirSource, Ref, ZipSource, open_source
+from hcd.data.tables import read_csv_bytes
 from hcd.data.tiff import PatchError, decode_patch
 from hcd.errors import HcdError, excerpt
 from hcd.pipeline.params import ScanParams, load_params
@@ -84,29 +83,12 @@ class ScanOutputs:
 
 
 # ----------------------------------------------------------------------------- tables
-MAX_LINE = 1024  # an id,label row is ~43 characters; a table is read whole only within this (and hcd.source's size cap)
-_LONG_LINE = re.compile(r"[^\n]{%d}" % (MAX_LINE + 1))
-
-
 def parse_table(data: bytes | None, name: str, archive: str) -> pd.DataFrame:
     """``id,label`` CSV -> DataFrame of stripped strings; one-line error if unusable."""
     where = f"{archive}: {name}"
     if data is None:
         raise HcdError(f"{where}: missing (a Kaggle-layout dataset has train_labels.csv and sample_submission.csv at its top level)")
-    try:
-        text = data.decode("utf-8-sig")  # tolerate a BOM
-    except UnicodeDecodeError:
-        raise HcdError(f"{where}: not UTF-8 text") from None
-    if not text.strip():
-        raise HcdError(f"{where}: empty file")
-    long_line = _LONG_LINE.search(text)
-    if long_line:
-        raise HcdError(f"{where}: line {text.count(chr(10), 0, long_line.start()) + 1} is longer than {MAX_LINE} characters; not an id,label table")
-    try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise HcdError(f"{where}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    frame = read_csv_bytes(data, where)
     if "id" not in frame.columns or "label" not in frame.columns:
         raise HcdError(f"{where}: expected header 'id,label', found {excerpt(','.join(frame.columns))}")
     out = frame[["id", "label"]].copy()
