@@ -18,8 +18,8 @@ Usage:
    packed array, as a ratio to the array's size. Target <= 1.5 on CPU.
 
 Absolute times are printed for context; on a GPU they are the figures to quote.
-The results go to ``benchmarks/results.json``, a top-level DVC metric, so speed
-regressions show in ``dvc metrics diff`` like accuracy does.
+The results go to ``benchmarks/results.json`` (in git), so a diff shows speed
+regressions.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Usage ("hcd COMMAND --help" for the options of a command):
                                                one stage, as the engines run it
     hcd score PREDICTIONS LABELS               AUC (95 % CI) of a submission (id,label) or a
                                                backbone's predictions (id,prob) against id,label
+    hcd summary                                the last run: validation AUC (95 % CI) per backbone and
+                                               ensemble, best epochs, where the submission is
     hcd params apply OVERLAY [--params FILE]   merge a configuration overlay into params.yaml
     hcd params flags OVERLAY [--params FILE]   the overlay as `dvc exp run -S` flags, validated
     hcd pipeline write|check|show              regenerate / verify / print dvc.yaml
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         from hcd.pipeline.table import main as pipeline_main
 
         run_stage(pipeline_main, "pipeline", rest)
+    elif cmd == "summary":
+        from hcd.summary import main as summary_main
+
+        run_stage(summary_main, "summary", rest)
     elif cmd == "demo-truth":
         run_stage(_demo_truth, "demo-truth", rest)
     else:

@@ -77,3 +77,27 @@ def in_memory_bytes() -> int:
 
 def gpu_data_fraction() -> float:
     return env_float("HCD_GPU_DATA_FRACTION", 0.5, 0.0, 0.95)
+
+
+def environment() -> dict[str, str | None]:
+    """The software and machine a result came from: recorded in model.json and metrics/metrics.json.
+
+    Bit-identical results need the same versions and the same kind of device
+    (README, *Same numbers as the README*); this says which were used.
+    """
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": version("torch"), "timm": version("timm"), "numpy": version("numpy"), "scikit-learn": version("scikit-learn"), "cpu": cpu}

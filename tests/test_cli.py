@@ -47,3 +47,57 @@ def test_validating_params_imports_no_torch():
     code = "import sys; from hcd.pipeline.params import load_params; load_params('params.yaml'); import hcd.pipeline.table; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("module", [*STAGE_MODULES.values(), "hcd.scoring", "hcd.pipeline.overlays", "hcd.pipeline.table"])
+def test_every_option_of_every_command_has_help(module, monkeypatch):
+    import argparse
+    import importlib
+
+    seen: list[tuple[tuple, dict]] = []
+    real = argparse.ArgumentParser.add_argument
+
+    def record(self, *args, **kw):
+        seen.append((args, kw))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", record)
+    mod = importlib.import_module(module)
+    main = getattr(mod, "score_main", None) or mod.main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = [a for a, kw in seen if a and a[0] not in ("-h", "--help")]
+    assert options, module
+    missing = [a[0] for a, kw in seen if a and a[0] not in ("-h", "--help") and not kw.get("help")]
+    assert not missing, f"{module}: options without help: {missing}"
+
+
+def test_summary_reads_what_either_engine_wrote(tmp_path):
+    import json
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/metrics.json").write_text(json.dumps({"cnn": {"auc": 0.91, "auc_ci95": [0.88, 0.94]}, "ensemble": {"auc": 0.93, "auc_ci95": [0.9, 0.95]}, "summary": {}}))
+    (tmp_path / "dvclive/cnn").mkdir(parents=True)
+    (tmp_path / "dvclive/cnn/metrics.json").write_text(json.dumps({"best/epoch": 7}))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/submission.csv").write_text("id,label\na,0.5\nb,0.25\n")
+    out = subprocess.run([sys.executable, "-m", "hcd", "summary", "--root", str(tmp_path)], env=ENV, capture_output=True, text=True).stdout
+    assert "cnn          0.9100 (0.8800-0.9400)" in out and out.splitlines()[2].rstrip().endswith("7")
+    assert "ensemble     0.9300 (0.9000-0.9500)" in out and "results/submission.csv (2 rows" in out
+    empty = subprocess.run([sys.executable, "-m", "hcd", "summary", "--root", str(tmp_path / "nothing")], env=ENV, capture_output=True, text=True).stdout
+    assert "run `dvc repro`" in empty
+
+
+def test_a_bad_value_says_where_it_came_from_and_how_to_undo_it(tmp_path):
+    from hcd.errors import HcdError
+    from hcd.pipeline.params import load_params
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("lr: 0.001\n")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p", "--allow-empty"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("lr: -1\n")  # what a failed `dvc exp run -S lr=-1` leaves
+    with pytest.raises(HcdError) as info:
+        load_params(tmp_path / "params.yaml")
+    assert "lr: Input should be greater than 0" in str(info.value) and "`git checkout params.yaml` restores it" in str(info.value)

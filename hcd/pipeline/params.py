@@ -235,7 +235,20 @@ def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise HcdError(_format_error(path, err)) from None
+        raise HcdError(_format_error(path, err) + _undo_hint(path)) from None
+
+
+def _undo_hint(path: Path) -> str:
+    """Where a bad value came from: a params file changed since the last commit can be restored with git."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], cwd=path.parent.resolve(), capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if proc.returncode != 1:  # 0: as committed; other: not a git checkout
+        return ""
+    return f" — {path.name} differs from the last commit (set by `dvc exp run -S`, `hcd params apply` or by hand); `git checkout {path.name}` restores it"
 
 
 def lookup(params: Params | dict[str, Any], dotted: str) -> Any:

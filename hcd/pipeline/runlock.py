@@ -73,8 +73,12 @@ def claim(stage: str, root: Path = Path(".")) -> None:
     """Claim the checkout for this stage's runner, or raise :class:`HcdError` naming the live one."""
     me = current_runner()
     folder = root / LOCK_DIR
-    folder.mkdir(exist_ok=True)
-    with open(folder / "runner.lock", "a+") as lock:
+    try:
+        folder.mkdir(exist_ok=True)
+        lock = open(folder / "runner.lock", "a+")
+    except OSError:  # a read-only or full disk: the stage itself will say so about its own outputs
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for the few milliseconds of the read-modify-write
         path = folder / "runner.json"
         try:
@@ -88,5 +92,8 @@ def claim(stage: str, root: Path = Path(".")) -> None:
             raise HcdError(f"{stage}: another run holds this checkout: {held.get('kind')} (pid {held['pid']}, since {since}: {held.get('cmd', '')[:80]}); let it finish or stop it, then rerun — two engines in one checkout would overwrite each other's outputs")
         if not same:
             tmp = path.with_name(f".runner.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(me))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(json.dumps(me))
+                os.replace(tmp, path)
+            except OSError:  # disk full: the claim is best effort, the stage's own writes report the problem
+                tmp.unlink(missing_ok=True)

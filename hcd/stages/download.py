@@ -154,8 +154,8 @@ def download(data: DataParams, dest: str | os.PathLike[str], log=print) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="download", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="data/raw/hcd.zip")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="hcd download", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="the archive to write, in the Kaggle layout (data/raw/hcd.zip)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads data.*)")
     args = ap.parse_args(argv)
     download(load_params(args.params).data, args.out, log=lambda m: print(m, file=sys.stderr))

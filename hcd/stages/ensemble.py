@@ -100,12 +100,12 @@ def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="ensemble", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", default="predictions")
-    ap.add_argument("--test-index", default="data/packed/test_index.csv")
-    ap.add_argument("--out-dir", default="results/ensemble")
-    ap.add_argument("--submission", default="results/submission.csv")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="hcd ensemble", description=__doc__.splitlines()[0])
+    ap.add_argument("--predictions", required=True, help="folder of per-backbone predictions, <backbone>/val.csv and test.csv (predictions)")
+    ap.add_argument("--test-index", required=True, help="test ids in sample_submission order (data/packed/test_index.csv)")
+    ap.add_argument("--out-dir", required=True, help="folder for the ensemble's val.csv and ensemble.json (results/ensemble)")
+    ap.add_argument("--submission", required=True, help="the Kaggle file to write (results/submission.csv)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, ensemble.*, seed)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
     out = Path(args.out_dir)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from hcd import env
 from hcd.atomic import Commit, clean_stale_temps
 from hcd.errors import HcdError
 from hcd.pipeline.params import load_params
@@ -35,7 +36,7 @@ def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[keep]
 
 
-def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_out: Path, plots_dir: Path, n_boot: int, seed: int, log=print) -> dict:
+def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_out: Path, summary_out: Path, plots_dir: Path, n_boot: int, seed: int, log=print) -> dict:
     sources = {b: pred_dir / b / "val.csv" for b in backbones}
     sources["ensemble"] = ensemble_val
     out: dict = {}
@@ -58,25 +59,31 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
         log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
     best = max(backbones, key=lambda b: out[b]["auc"])
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
+    out["environment"] = env.environment()  # the versions behind these numbers (each model.json has its training's)
     with Commit() as commit:  # the plots folder is rebuilt whole: no curve of a removed backbone lingers
         folder = commit.dir(plots_dir)
         for rel, obj in curves.items():  # plain writes: a failure names the plots folder, which stays as it was
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_text(json.dumps(obj, indent=2) + "\n")
         commit.json(metrics_out, out)
+        commit.json(summary_out, {name: {"auc": out[name]["auc"], "auc_ci95_low": out[name]["auc_ci95"][0], "auc_ci95_high": out[name]["auc_ci95"][1]} for name in [*backbones, "ensemble"]})
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd metrics", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", default="predictions")
-    ap.add_argument("--ensemble", default="results/ensemble/val.csv")
-    ap.add_argument("--out", default="metrics/metrics.json")
-    ap.add_argument("--plots", default="plots")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--predictions", required=True, help="folder of per-backbone predictions, <backbone>/val.csv (predictions)")
+    ap.add_argument("--ensemble", required=True, help="the ensemble's validation predictions (results/ensemble/val.csv)")
+    ap.add_argument("--out", required=True, help="every metric, per backbone and for the ensemble (metrics/metrics.json)")
+    ap.add_argument("--summary", required=True, help="AUC and 95 %% interval per backbone and ensemble: the DVC metric (metrics/summary.json)")
+    ap.add_argument("--plots", required=True, help="folder for ROC, precision-recall and confusion data (plots)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, metrics.*)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    clean_stale_temps(args.out, args.plots)
-    evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
+    clean_stale_temps(args.out, args.summary, args.plots)
+    evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.summary), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
+    from hcd.summary import summary_lines  # the run's last words: what came out, and where
+
+    print("\n".join(["", "hcd: this run's results", *summary_lines()]), file=sys.stderr)
 
 

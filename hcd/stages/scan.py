@@ -374,12 +374,12 @@ def _pack_test(ctx: _Packing, members: dict[str, Ref], test: pd.DataFrame, train
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="scan", description=__doc__.splitlines()[0])
-    ap.add_argument("archive", help="Kaggle-layout zip archive or folder")
-    ap.add_argument("--report", default="data/scan/report.csv", help="one row per flagged id")
-    ap.add_argument("--summary", default="metrics/scan.json", help="counts (a DVC metric)")
-    ap.add_argument("--packed-dir", default="data/packed", help="train_x.npy, train_index.csv, test_x.npy, test_index.csv")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="hcd scan", description=__doc__.splitlines()[0])
+    ap.add_argument("archive", help="Kaggle-layout zip archive or folder (data/raw/hcd.zip)")
+    ap.add_argument("--report", required=True, help="one row per flagged id (data/scan/report.csv)")
+    ap.add_argument("--summary", required=True, help="counts, a DVC metric (metrics/scan.json)")
+    ap.add_argument("--packed-dir", required=True, help="folder for train_x.npy, train_index.csv, test_x.npy, test_index.csv (data/packed)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads scan.*)")
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: HCD_WORKERS or the CPU count, at most 8)")
     args = ap.parse_args(argv)
     p = load_params(args.params)

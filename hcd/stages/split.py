@@ -124,11 +124,11 @@ def balance(index: pd.DataFrame, val: np.ndarray, groups: np.ndarray | None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="split", description=__doc__.splitlines()[0])
-    ap.add_argument("index", help="data/packed/train_index.csv")
-    ap.add_argument("--out", default="data/split/split.csv")
-    ap.add_argument("--balance", default="metrics/split.json", help="counts per side (a DVC metric)")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="hcd split", description=__doc__.splitlines()[0])
+    ap.add_argument("index", help="the packed training index (data/packed/train_index.csv)")
+    ap.add_argument("--out", required=True, help="row,id,label,side per patch (data/split/split.csv)")
+    ap.add_argument("--balance", required=True, help="counts per side, a DVC metric (metrics/split.json)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads split.*)")
     args = ap.parse_args(argv)
     p = load_params(args.params).split
     clean_stale_temps(args.out, args.balance)

@@ -49,11 +49,11 @@ def channel_stats(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 1024) -> di
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="stats", description=__doc__.splitlines()[0])
-    ap.add_argument("packed", help="data/packed/train_x.npy")
-    ap.add_argument("index", help="data/packed/train_index.csv")
-    ap.add_argument("split", help="data/split/split.csv")
-    ap.add_argument("--out", default="data/stats/stats.json")
+    ap = argparse.ArgumentParser(prog="hcd stats", description=__doc__.splitlines()[0])
+    ap.add_argument("packed", help="packed training patches (data/packed/train_x.npy)")
+    ap.add_argument("index", help="their index (data/packed/train_index.csv)")
+    ap.add_argument("split", help="train/validation sides (data/split/split.csv)")
+    ap.add_argument("--out", required=True, help="per-channel mean and std (data/stats/stats.json)")
     args = ap.parse_args(argv)
     clean_stale_temps(args.out)
     x = open_packed(args.packed)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from hcd import env
 from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.data.augment import AugmentConfig
 from hcd.data.batches import PackedBatches, Preprocess
@@ -222,6 +223,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
             "train": cfg.model_dump(mode="json", exclude=set() if cfg.max_steps else {"max_steps"}),  # a full run's file stays as before max_steps existed
             "seed": seed,
             "history": prog.history,
+            "environment": env.environment() | checkpoint.device_identity(device),  # what the weights came from
         }
         save_model(out_dir, prog.best["state"], meta, commit)
     ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
