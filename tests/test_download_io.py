@@ -92,7 +92,7 @@ def test_params_errors_name_the_key(tmp_path, text, words):
 
 def test_stage_script_prints_one_line_not_a_traceback(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  source: kagle\n")
-    proc = subprocess.run([sys.executable, str(REPO / "workflow/scripts/download.py")], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "workflow/scripts/download.py"), "--out", "data/raw/hcd.zip"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "data.source" in proc.stderr and not (tmp_path / "data").exists()

@@ -149,7 +149,7 @@ def test_exp_run_lr_reruns_only_the_model_stages_and_metrics_diff_shows_it(engin
     after = json.loads((dvc_root / "metrics/metrics.json").read_text())
     assert after["cnn"]["auc"] != before["cnn"]["auc"]
     diff = sh(dvc_root, "dvc", "metrics", "diff")
-    assert "metrics/metrics.json" in diff and "cnn.auc" in diff
+    assert "metrics/summary.json" in diff and "cnn.auc" in diff
     assert "lr" in sh(dvc_root, "dvc", "params", "diff")
 
 
