@@ -3,7 +3,8 @@
 Per backbone and for the ensemble, on the validation side: ROC AUC with a
 bootstrap 95 % interval, log loss, and accuracy / sensitivity / specificity at
 0.5 and at the Youden threshold (max sensitivity + specificity - 1). Writes
-``metrics/metrics.json`` (a top-level DVC metric) and ROC, precision-recall and
+``metrics/metrics.json`` (in git), the AUCs with their intervals to
+``metrics/summary.json`` (the top-level DVC metric), and ROC, precision-recall and
 confusion-matrix data under ``plots/`` (top-level DVC plots).
 
 The scores themselves come from :mod:`hcd.scoring` (also behind ``hcd score``).

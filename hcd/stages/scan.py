@@ -14,7 +14,7 @@ one streaming pass over worker processes, and:
   row), ``unexpected_file`` (a misnamed member of train/ or test/).
 
 Writes ``report.csv`` (one row per flagged id: split, id, reason, detail,
-dropped), a summary JSON (counts; a DVC metric, ``metrics/scan.json``) and the packed arrays with
+dropped), a summary JSON (counts, kept in git: ``metrics/scan.json``) and the packed arrays with
 their indexes. Train keeps usable rows in ``train_labels.csv`` order; test
 keeps every ``sample_submission.csv`` id in its order — a defective test patch
 is flagged and packed as zeros, so every id still gets a prediction.
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd scan", description=__doc__.splitlines()[0])
     ap.add_argument("archive", help="Kaggle-layout zip archive or folder (data/raw/hcd.zip)")
     ap.add_argument("--report", required=True, help="one row per flagged id (data/scan/report.csv)")
-    ap.add_argument("--summary", required=True, help="counts, a DVC metric (metrics/scan.json)")
+    ap.add_argument("--summary", required=True, help="counts, kept in git (metrics/scan.json)")
     ap.add_argument("--packed-dir", required=True, help="folder for train_x.npy, train_index.csv, test_x.npy, test_index.csv (data/packed)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads scan.*)")
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: HCD_WORKERS or the CPU count, at most 8)")

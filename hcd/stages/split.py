@@ -7,7 +7,7 @@ so no slide is on both sides. Neighbouring patches of one slide look alike; a
 random split of them inflates validation AUC.
 
 Writes ``split.csv`` (row, id, label, side) and a balance JSON (count and
-positive fraction per side; a DVC metric).
+positive fraction per side; in git, beside the metrics).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd split", description=__doc__.splitlines()[0])
     ap.add_argument("index", help="the packed training index (data/packed/train_index.csv)")
     ap.add_argument("--out", required=True, help="row,id,label,side per patch (data/split/split.csv)")
-    ap.add_argument("--balance", required=True, help="counts per side, a DVC metric (metrics/split.json)")
+    ap.add_argument("--balance", required=True, help="counts per side, kept in git (metrics/split.json)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads split.*)")
     args = ap.parse_args(argv)
     p = load_params(args.params).split
