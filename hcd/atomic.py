@@ -4,7 +4,7 @@ Every file a stage produces is written to a temporary name in the same folder
 and renamed into place only when complete, so a killed stage never leaves a file
 that DVC or Snakemake would take as finished. Output folders (plots, dvclive
 curves) are built the same way in a temporary folder and swapped in whole
-(:func:`atomic_dir`), so a failed run leaves the previous folder as it was. The
+(:meth:`Commit.dir`), so a failed run leaves the previous folder as it was. The
 temporary names start with ``.`` and carry ``.tmp-``; :func:`clean_stale_temps`
 removes ones left by a kill.
 """
@@ -71,43 +71,6 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 def _temp_name(dest: Path, tag: str = "") -> Path:
     return dest.with_name(f".{dest.name}{TMP_MARK}{tag}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``dest``; swap it in for ``dest`` on success.
-
-    Files left in ``dest`` by an earlier run (a removed backbone's plot) do not
-    survive the swap. On any exception the temporary folder is removed and
-    ``dest`` is left as it was.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(dest)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        old = _temp_name(dest, "old-")
-        if dest.exists():
-            os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if old.exists():
-                os.replace(old, dest)
-            raise
-        _fsync_dir(dest.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HcdError(f"{dest}: could not write ({exc.strerror or type(exc).__name__}); previous folder left as it was") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def clean_stale_temps(*dests: str | os.PathLike[str]) -> None:

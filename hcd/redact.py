@@ -15,6 +15,7 @@ working: ``\\r``-terminated updates pass through as they come.
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import json
 import os
@@ -101,7 +102,7 @@ def redacted_output(redact: Redactor) -> Iterator[None]:
 def _pump(read_end: int, out_fd: int, redact: Redactor) -> None:
     """Copy the pipe to ``out_fd`` line by line (``\\n`` or ``\\r``), redacted."""
     pending = ""
-    decoder = __import__("codecs").getincrementaldecoder("utf-8")("replace")
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
         while True:
             chunk = pipe.read(65536)

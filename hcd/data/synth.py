@@ -325,11 +325,9 @@ def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Seri
             if i in planted["dark"]:
                 return encode_patch(np.zeros((SIZE, SIZE, 3), np.uint8))
             if i in planted["bright"]:
-                rng = np.random.default_rng([p.seed, 5, i])
-                return encode_patch(rng.integers(247, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+                return _near_white(p.seed, 5, i)
             if i in planted["truncated"]:
-                full = encode_patch(render(p.seed, split, i, label, slide))
-                return full[: len(full) // 2]
+                return _truncated(render(p.seed, split, i, label, slide), 2)
             if i in planted["wrong_size"]:
                 return encode_patch(render(p.seed, split, i, label, slide)[:, :95])
             copy_i, src_i = planted["conflict"]
@@ -337,12 +335,21 @@ def _render_member(p: DemoParams, split: str, i: int, label: int, slide: pd.Seri
                 return encode_patch(src_pixels[src_i])
         else:
             if i in planted["test_bright"]:
-                rng = np.random.default_rng([p.seed, 6, i])
-                return encode_patch(rng.integers(247, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+                return _near_white(p.seed, 6, i)
             if i in planted["test_truncated"]:
-                full = encode_patch(render(p.seed, split, i, label, slide))
-                return full[: len(full) // 3]
+                return _truncated(render(p.seed, split, i, label, slide), 3)
     return encode_patch(render(p.seed, split, i, label, slide))
+
+
+def _near_white(seed: int, stream: int, i: int) -> bytes:
+    """A planted near-white patch: every pixel 247..255, from its own random stream."""
+    return encode_patch(np.random.default_rng([seed, stream, i]).integers(247, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def _truncated(img: np.ndarray, keep: int) -> bytes:
+    """A planted truncated file: the first 1/keep of the patch's TIFF bytes."""
+    full = encode_patch(img)
+    return full[: len(full) // keep]
 
 
 def planted_defects(p: DemoParams) -> dict[str, list[str]]:

@@ -10,8 +10,8 @@ run ends with weights and metrics bit-identical to an uninterrupted one.
 Each checkpoint carries a **run key**: a digest of everything that decides the
 result — backbone, effective learning rate and train settings, seed, the device
 (type, and the GPU's name and CUDA/cuDNN versions), the torch thread count
-(CPU reductions are summed in thread-sized chunks), step cap, torch, timm and
-numpy versions, the source of the training code, the index, split and stats
+(CPU reductions are summed in thread-sized chunks), step cap, the environment
+(Python, torch, timm, numpy and scikit-learn versions, the CPU), the source of the training code, the index, split and stats
 files, and the full content of the packed array (sha256 streamed at ~1.8 GB/s
 on the 2-core CI machine: 3.4 s for Kaggle's 6.1 GB, once per training start).
 A checkpoint whose key
@@ -65,14 +65,13 @@ def device_identity(device: torch.device) -> dict[str, Any]:
 
 def run_key(settings: dict[str, Any], packed: Path, small_inputs: list[Path]) -> str:
     """Digest of the settings, the training code and the inputs; equal keys give equal runs."""
-    import numpy
-    import timm
+    from hcd import env
 
     code_dir = Path(__file__).resolve().parents[1]  # the hcd package
     parts = {
         "format": FORMAT,
         "settings": settings,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__},
+        "environment": env.environment(),  # the record model.json keeps: versions and CPU
         "code": {m: file_digest(code_dir / f"{m}.py") for m in CODE},
         "inputs": {p.name: file_digest(p) for p in small_inputs},
         "packed": file_digest(packed),
