@@ -50,11 +50,11 @@ wildcard_constraints:
 rule all:
     default_target: True
     input:
-        final_outputs(),
+        final_outputs(BACKBONES),
 
 
 # One rule per stage of the table, defined in a loop (Snakemake's procedural rule
-# definition): check, download, scan, split, stats, train, predict, ensemble, metrics.
+# definition): check, download, scan, split, stats, train, predict, explain, ensemble, metrics, export.
 #
 # The command goes through params (evaluated when the rule is defined) and the shell
 # directive only formats it: the shell directive's own expression is evaluated when a

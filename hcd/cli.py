@@ -2,8 +2,11 @@
 
 Usage ("hcd COMMAND --help" for the options of a command):
 
-    hcd check | download | scan | split | stats | train | predict | ensemble | metrics ...
+    hcd check | download | scan | split | stats | train | predict | explain | ensemble | metrics | export ...
                                                one stage, as the engines run it
+    hcd infer BUNDLE INPUT... --out CSV        predict new patches (folders, zips, .tif files)
+                                               from the export bundle (export/)
+    hcd submit [-m NOTE] [--dry-run]           validate results/submission.csv and upload it to Kaggle
     hcd score PREDICTIONS LABELS               AUC (95 % CI) of a submission (id,label) or a
                                                backbone's predictions (id,prob) against id,label
     hcd summary                                the last run: validation AUC (95 % CI) per backbone and
@@ -30,6 +33,7 @@ from hcd.errors import HcdError
 from hcd.stages import NAMES as STAGE_NAMES
 
 STAGE_MODULES = {name: f"hcd.stages.{name}" for name in STAGE_NAMES}
+TOOLS = {"infer": "hcd.tools.infer", "submit": "hcd.tools.submit"}  # commands around the pipeline
 
 
 class Terminated(KeyboardInterrupt):
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         run_stage(summary_main, "summary", rest)
     elif cmd == "demo-truth":
         run_stage(_demo_truth, "demo-truth", rest)
+    elif cmd in TOOLS:
+        run_stage(importlib.import_module(TOOLS[cmd]).main, cmd, rest)
     else:
         print(f"hcd: unknown command {cmd!r} (try: hcd --help)", file=sys.stderr)
         raise SystemExit(2)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 PORT = 80  # KAGGLE_API_ENVIRONMENT=LOCALHOST makes the client call http://localhost/api/v1/…
 DOWNLOAD = "/api/v1/competitions.CompetitionApiService/DownloadDataFiles"
+START_UPLOAD = "/api/v1/competitions.CompetitionApiService/StartSubmissionUpload"  # hcd submit: ask where to upload
+CREATE_SUBMISSION = "/api/v1/competitions.CompetitionApiService/CreateSubmission"  # then the PUT, then this
 
 
 class FakeKaggle:
@@ -25,6 +27,8 @@ class FakeKaggle:
         self.status = status  # 200: serve; 401 / 403 / 404: refuse the download request
         self.auth_headers: list[str] = []
         self.requests: list[str] = []
+        self.uploaded: bytes | None = None  # the submission file the client PUT
+        self.submissions: list[bytes] = []  # CreateSubmission request bodies (the message is in them)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,7 +42,14 @@ class FakeKaggle:
 
             def do_POST(self) -> None:
                 self._record()
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path in (START_UPLOAD, CREATE_SUBMISSION):
+                    if fake.status != 200:
+                        return self._send(fake.status, b'{"code": %d, "message": "refused"}' % fake.status, "application/json")
+                    if self.path == START_UPLOAD:
+                        return self._send(200, b'{"token": "blob-token-1", "createUrl": "http://localhost/upload/submission"}', "application/json")
+                    fake.submissions.append(body)
+                    return self._send(200, b'{"message": "Successfully submitted to Histopathologic Cancer Detection"}', "application/json")
                 if self.path != DOWNLOAD:
                     return self._send(404, b'{"code": 404, "message": "not found"}', "application/json")
                 if fake.status != 200:
@@ -47,6 +58,11 @@ class FakeKaggle:
                 self.send_header("Location", "http://localhost/files/histopathologic-cancer-detection.zip")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            def do_PUT(self) -> None:
+                self._record()
+                fake.uploaded = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._send(200, b"{}", "application/json")
 
             def do_GET(self) -> None:
                 self._record()

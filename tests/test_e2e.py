@@ -48,7 +48,7 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS":
 ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": SECRET}
 SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1")  # both backbones train at once
 LOGS: list[str] = []  # everything the engines printed, for the credentials test
-MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
+MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics", "export"}
 ALL_STAGES = {"check", "download", "scan", "split", "stats"} | MODEL_STAGES  # check reruns (cheaply) on any params.yaml edit
 
 
@@ -91,9 +91,17 @@ def set_params(root: Path, **changes) -> None:
 
 
 def digests(root: Path) -> dict[str, str]:
-    """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded)."""
-    files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
+    """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded). The export
+    manifest records the git revision it was built at, which differs between the two copies: it is
+    compared without that one field."""
+    files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive", "export") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
+    out = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
+    manifest = root / "export/manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        assert len(m.pop("git")["revision"]) == 40
+        out["export/manifest.json"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
+    return out
 
 
 def dvc_ran(log: str) -> set[str]:
@@ -131,8 +139,26 @@ def test_both_engines_run_every_stage_and_agree_byte_for_byte(engines):
     assert dvc_ran(dvc_log) == ALL_STAGES
     got = digests(dvc_root)
     assert got == digests(snake_root)
-    for must in ("results/submission.csv", "models/cnn/model.safetensors", "predictions/resnet10t/test.csv", "metrics/metrics.json", "plots/roc/ensemble.json", "dvclive/cnn/metrics.json"):
+    for must in ("results/submission.csv", "models/cnn/model.safetensors", "predictions/resnet10t/test.csv", "metrics/metrics.json", "plots/roc/ensemble.json", "dvclive/cnn/metrics.json", "export/manifest.json", "export/resnet10t/model.onnx"):
         assert must in got, must
+
+
+def infer_matches_submission(root: Path) -> None:
+    """`hcd infer` on the raw archive's test patches (Kaggle layout) from the export bundle = results/submission.csv."""
+    import pandas as pd
+
+    sh(root, "hcd", "infer", "export", "data/raw/hcd.zip", "--out", "infer.csv")
+    got = pd.read_csv(root / "infer.csv", dtype={"id": str}, keep_default_na=False)
+    sub = pd.read_csv(root / "results/submission.csv", dtype={"id": str})
+    ok = got[got["error"] == ""].merge(sub, on="id", suffixes=("_infer", ""))
+    flagged = pd.read_csv(root / "data/scan/report.csv", dtype={"id": str})
+    assert len(ok) == len(sub) - int(((flagged["split"] == "test") & flagged["reason"].isin(["undecodable", "wrong_format"])).sum()) and len(ok) > 20
+    assert (ok["label_infer"].astype(float) - ok["label"]).abs().max() <= 1e-4
+    (root / "infer.csv").unlink()
+
+
+def test_hcd_infer_reproduces_the_submission_from_the_bundle(engines):
+    infer_matches_submission(engines[0])
 
 
 def test_a_second_run_does_nothing(engines):
@@ -169,7 +195,7 @@ def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     dvc_root, snake_root, _, _ = engines
     for root in (dvc_root, snake_root):
         set_params(root, predict={"tta": 4})
-    expected = {"check", "predict@cnn", "predict@resnet10t", "ensemble", "metrics"}
+    expected = {"check", "predict@cnn", "predict@resnet10t", "ensemble", "metrics", "export"}
     assert snakemake_would_run(snake_root) == expected
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
     sh(snake_root, "snakemake", *SNAKE_PARALLEL)
@@ -243,6 +269,53 @@ def test_snakemake_killed_mid_training_reruns_to_the_same_results(engines, tmp_p
     assert "resuming after epoch 1" in log
     assert digests(root) == BASELINE
     assert snakemake_would_run(root) == set()
+
+
+def test_three_folds_grouped_by_slide_through_both_engines(engines):
+    """split.folds: 3 with the demo's slides as groups: engines agree, every labelled id gets one
+    out-of-fold prediction, no slide is in two folds, test = mean of the fold models; then what lr reruns."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from hcd.data.batches import PackedBatches, Preprocess
+    from hcd.model.inference import predict_probs
+    from hcd.model.weights import load_models
+
+    dvc_root, snake_root, _, _ = engines
+    for root in (dvc_root, snake_root):
+        sh(root, "hcd", "demo-truth", "data/groups")
+        set_params(root, split={"folds": 3, "groups": "data/groups/demo_slides.csv"})
+    assert snakemake_would_run(snake_root) == ALL_STAGES - {"download", "scan"}
+    assert dvc_ran(sh(dvc_root, "dvc", "repro")) == ALL_STAGES - {"download", "scan"}
+    sh(snake_root, "snakemake", *SNAKE_PARALLEL)
+    assert digests(dvc_root) == digests(snake_root)
+
+    index = pd.read_csv(dvc_root / "data/packed/train_index.csv", dtype={"id": str})
+    slides = pd.read_csv(dvc_root / "data/groups/demo_slides.csv", dtype=str).set_index("id")["group"]
+    for b in ("cnn", "resnet10t"):
+        oof = pd.read_csv(dvc_root / f"predictions/{b}/val.csv", dtype={"id": str})
+        assert oof["id"].tolist() == index["id"].tolist() and oof["prob"].notna().all()  # every labelled id, once
+        assert (oof.assign(g=oof["id"].map(slides)).groupby("g")["fold"].nunique() == 1).all(), "a slide in two folds"
+    models, _ = load_models(dvc_root / "models/cnn", torch.device("cpu"))
+    x_test = np.load(dvc_root / "data/packed/test_x.npy", mmap_mode="r")
+    test_rows = pd.read_csv(dvc_root / "data/packed/test_index.csv")["row"].to_numpy()
+    tta = yaml.safe_load((dvc_root / "params.yaml").read_text())["predict"]["tta"]
+    per_fold = [predict_probs(m, PackedBatches(x_test, test_rows, device=torch.device("cpu")), Preprocess(i["crop"], i["upscale"], tuple(i["mean"]), tuple(i["std"])), torch.device("cpu"), 64, tta) for m, i in models]
+    assert len(per_fold) == 3
+    test = pd.read_csv(dvc_root / "predictions/cnn/test.csv")
+    np.testing.assert_allclose(test["prob"].to_numpy(), np.mean(per_fold, axis=0), atol=1e-5)
+    infer_matches_submission(dvc_root)  # three fold models per backbone in the bundle
+    split = json.loads((dvc_root / "metrics/split.json").read_text())
+    assert split["folds"] == 3 and split["groups_in_two_folds"] == 0 and sum(f["n"] for f in split["per_fold"]) == len(index)
+    metrics = json.loads((dvc_root / "metrics/metrics.json").read_text())
+    assert len(metrics["ensemble"]["folds"]["auc"]) == 3 and "auc_fold_std" in json.loads((dvc_root / "metrics/summary.json").read_text())["cnn"]
+
+    set_params(snake_root, lr=0.0007)  # a training param: train and after, not split or stats
+    assert snakemake_would_run(snake_root) == MODEL_STAGES | {"check"}
+    set_params(dvc_root, lr=0.0007)
+    status = sh(dvc_root, "dvc", "status")
+    assert "train@cnn" in status and "split:" not in status and "stats:" not in status
 
 
 def test_kaggle_credentials_appear_nowhere_a_run_wrote_or_printed(engines, tmp_path):

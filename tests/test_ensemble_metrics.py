@@ -52,8 +52,11 @@ def test_ensemble_methods():
         v, t, w = combine(method, val, test, y)
         assert v.shape == (400,) and t.shape == (50,) and (0 <= t).all() and (t <= 1).all()
         assert roc_auc_score(y, v) >= max(roc_auc_score(y, val[:, 0]), roc_auc_score(y, val[:, 1])) - 0.02
-    _, _, w = combine("stack", val, test, y)
-    assert w is not None and w[0] > 0 and w[1] > 0
+    _, t, fit = combine("stack", val, test, y)
+    assert fit is not None and fit["weights"][0] > 0 and fit["weights"][1] > 0
+    from scipy.special import expit, logit
+
+    np.testing.assert_allclose(t, expit(logit(np.clip(test, 1e-6, 1 - 1e-6)) @ np.array(fit["weights"]) + fit["intercept"]), atol=1e-12)  # what hcd infer applies
 
 
 def test_score_matches_sklearn_and_its_interval_holds_it():

@@ -192,6 +192,64 @@ def test_the_kaggle_key_never_appears_with_the_clients_verbose_and_debug_output(
     assert not list((tmp_path / "raw").glob(".kaggle-*")), "the client's scratch folder is removed"
 
 
+@pytest.mark.skipif(not _port_80_free(), reason="needs to bind 127.0.0.1:80 for the client's LOCALHOST endpoint (root)")
+@pytest.mark.parametrize("status", [200, 403, 401])
+def test_hcd_submit_uploads_with_the_official_client_and_never_prints_the_key(kaggle_world, tmp_path, status):
+    """`hcd submit` through the real client against the local stand-in, verbose on: upload, message, errors."""
+    from kaggle_fake import FakeKaggle
+
+    root, key = kaggle_world
+    ids = [f"{i:040x}" for i in range(5)]
+    (tmp_path / "test_index.csv").write_text("row,id\n" + "".join(f"{i},{x}\n" for i, x in enumerate(ids)))
+    (tmp_path / "submission.csv").write_text("id,label\n" + "".join(f"{x},0.{i}\n" for i, x in enumerate(ids)))
+    env = {**ENV, "KAGGLE_API_ENVIRONMENT": "LOCALHOST", "KAGGLE_CONFIG_DIR": str(root / "cfg"), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": key, "VERBOSE": "1"}
+    cmd = [sys.executable, "-m", "hcd", "submit", "--file", str(tmp_path / "submission.csv"), "--test-index", str(tmp_path / "test_index.csv"), "--params", str(root / "params.yaml"), "-m", "first try"]
+    with FakeKaggle(root / "served.zip", status) as server:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    printed = proc.stdout + proc.stderr
+    assert server.auth_headers, "the client sent no credentials: the test would prove nothing"
+    forms = [key, base64.b64encode(f"hcd-test:{key}".encode()).decode(), base64.b64encode(key.encode()).decode()]
+    assert not [f for f in forms if f in printed], "the Kaggle key was printed"
+    if status == 200:
+        assert proc.returncode == 0, printed[-2000:]
+        assert server.uploaded == (tmp_path / "submission.csv").read_bytes()
+        (body,) = server.submissions
+        assert b"first try" in body and b"params " in body and b"blob-token-1" in body
+        assert "submitted to 'histopathologic-cancer-detection'" in proc.stderr
+    else:
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("hcd submit: error: kaggle:")
+        assert ("rules" in proc.stderr if status == 403 else "rejected" in proc.stderr)
+        assert server.uploaded is None
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("id,prob\n", "header must be 'id,label'"),
+        ("id,label\n" + f"{1:040x},0.5\n", "ids missing"),
+        ("id,label\n" + "".join(f"{i:040x},1.5\n" for i in range(2)), "labels must be probabilities"),
+    ],
+)
+def test_hcd_submit_refuses_an_invalid_file_before_any_upload(tmp_path, text, words):
+    (tmp_path / "test_index.csv").write_text("row,id\n" + "".join(f"{i},{i:040x}\n" for i in range(2)))
+    (tmp_path / "submission.csv").write_text(text)
+    (tmp_path / "params.yaml").write_text("data:\n  source: kaggle\n")
+    env = {k: v for k, v in ENV.items() if not k.startswith("KAGGLE")}
+    proc = subprocess.run([sys.executable, "-m", "hcd", "submit", "--file", "submission.csv", "--test-index", "test_index.csv"], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and words in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_hcd_submit_without_credentials_says_how_to_fix(tmp_path):
+    (tmp_path / "test_index.csv").write_text("row,id\n0," + "0" * 40 + "\n")
+    (tmp_path / "submission.csv").write_text("id,label\n" + "0" * 40 + ",0.3\n")
+    (tmp_path / "params.yaml").write_text("data:\n  source: kaggle\n")
+    env = {**{k: v for k, v in ENV.items() if not k.startswith("KAGGLE")}, "KAGGLE_CONFIG_DIR": str(tmp_path / "none"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "hcd", "submit", "--file", "submission.csv", "--test-index", "test_index.csv"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == "hcd submit: error: kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN"
+    dry = subprocess.run([sys.executable, "-m", "hcd", "submit", "--file", "submission.csv", "--test-index", "test_index.csv", "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0 and "is valid (1 rows)" in dry.stderr and "params " in dry.stderr
+
+
 def test_the_redactor_masks_secrets_their_base64_and_any_authorization_header():
     from hcd.redact import Redactor
 

@@ -143,10 +143,22 @@ def read_split(index: str | Path, split: str | Path, n_rows: int | None = None) 
         sides = pd.read_csv(split, dtype={"id": str})
     except FileNotFoundError:
         raise HcdError(f"{split}: file not found (run the split stage first)") from None
-    if not {"id", "side"} <= set(sides.columns):
-        raise HcdError(f"{split}: missing columns {sorted({'id', 'side'} - set(sides.columns))}")
+    if "id" not in sides.columns or not ({"side", "fold"} & set(sides.columns)):
+        raise HcdError(f"{split}: expected columns id and side (or fold), found {','.join(map(str, sides.columns))[:80]}")
     if len(sides) != len(idx):
         raise HcdError(f"{split}: {len(sides)} rows, but {index} has {len(idx)} (rerun split)")
     if not (sides["id"].to_numpy() == idx["id"].to_numpy()).all():
         raise HcdError(f"{split}: does not match {index}: other ids or order (rerun split)")
     return idx, sides
+
+
+def held_out(sides: pd.DataFrame, where: str | Path = "split.csv") -> list[np.ndarray]:
+    """One mask per fold, True for the patches that fold holds out: with one split, the validation side;
+    with ``split.folds: K``, the rows whose ``fold`` is k. Training of fold k uses the rest."""
+    if "fold" not in sides.columns:
+        return [(sides["side"] == "val").to_numpy()]
+    fold = pd.to_numeric(sides["fold"], errors="coerce").to_numpy()
+    k = int(np.nanmax(fold)) + 1 if len(fold) else 0
+    if np.isnan(fold).any() or k < 2 or set(np.unique(fold).astype(int)) != set(range(k)):
+        raise HcdError(f"{where}: the fold column must number the folds 0..K-1 (K >= 2), every fold used (rerun split)")
+    return [fold == i for i in range(k)]

@@ -79,6 +79,11 @@ def run_key(settings: dict[str, Any], packed: Path, small_inputs: list[Path]) ->
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sub_key(key: str, part: str) -> str:
+    """The key of one part of a run (a fold of ``split.folds``): its own checkpoint is never another fold's."""
+    return hashlib.sha256(f"{key}/{part}".encode()).hexdigest()
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)

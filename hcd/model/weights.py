@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hcd.atomic import Commit
 from hcd.errors import HcdError
@@ -18,22 +18,44 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Spread = Annotated[float, Field(ge=1e-3, le=1.0)]  # a std of 0 would divide by zero
 
 
+class FoldMeta(BaseModel):
+    """One model's normalisation and best epoch: the file's only model, or one fold's."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    mean: tuple[Unit, Unit, Unit]
+    std: tuple[Spread, Spread, Spread]
+    best_epoch: int = Field(ge=1)
+
+
 class ModelMeta(BaseModel):
-    """The keys of ``model.json`` that inference trusts, checked like params before any use."""
+    """The keys of ``model.json`` that inference trusts, checked like params before any use.
+    One model (``mean``, ``std``, ``best_epoch`` at the top), or ``split.folds`` of them (``fold_models``)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     backbone: str
     crop: int = Field(ge=32, le=96)
     upscale: int | None = Field(ge=32, le=512)
-    mean: tuple[Unit, Unit, Unit]
-    std: tuple[Spread, Spread, Spread]
-    best_epoch: int = Field(ge=1)
+    mean: tuple[Unit, Unit, Unit] | None = None
+    std: tuple[Spread, Spread, Spread] | None = None
+    best_epoch: int | None = Field(None, ge=1)
+    folds: int | None = Field(None, ge=2, le=20)
+    fold_models: list[FoldMeta] | None = None
 
     @field_validator("backbone")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_backbone_name(v)
+
+    @model_validator(mode="after")
+    def _one_or_folds(self) -> "ModelMeta":
+        if self.fold_models is None:
+            if None in (self.mean, self.std, self.best_epoch):
+                raise ValueError("mean: mean, std and best_epoch are required (or folds and fold_models)")
+        elif self.folds != len(self.fold_models):
+            raise ValueError(f"folds: {self.folds} does not match the {len(self.fold_models)} entries of fold_models")
+        return self
 
 
 def read_model_meta(path: Path) -> dict:
@@ -57,20 +79,43 @@ def save_model(out_dir: Path, state: dict[str, torch.Tensor], meta: dict, commit
     commit.json(out_dir / "model.json", meta)
 
 
-def load_model(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Weights from safetensors (no pickle, so no code can run) plus the metadata JSON."""
+def load_models(model_dir: Path, device: torch.device) -> tuple[list[tuple[torch.nn.Module, dict]], dict]:
+    """Every model of one backbone — one, or one per fold (``split.folds``) — each with the metadata that
+    preprocesses its input (crop, upscale and its own mean/std), plus the whole ``model.json``.
+    Weights come from safetensors (no pickle, so no code can run)."""
     from safetensors.torch import load_file
 
     meta = read_model_meta(model_dir / "model.json")
-    model = build_model(meta["backbone"], pretrained=False)
+    weights = model_dir / "model.safetensors"
     try:
-        state = load_file(str(model_dir / "model.safetensors"))
+        state = load_file(str(weights))
     except FileNotFoundError:
-        raise HcdError(f"{model_dir / 'model.safetensors'}: file not found (run train first)") from None
+        raise HcdError(f"{weights}: file not found (run train first)") from None
     except Exception as exc:
-        raise HcdError(f"{model_dir / 'model.safetensors'}: not a readable safetensors file ({type(exc).__name__})") from None
+        raise HcdError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
+    common = {k: meta[k] for k in ("backbone", "crop", "upscale")}
+    if "fold_models" not in meta or meta["fold_models"] is None:
+        return [(_fit(meta["backbone"], state, weights, device), meta)], meta
+    out = []
+    for i, fold in enumerate(meta["fold_models"]):
+        prefix = f"fold{i}."
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        out.append((_fit(meta["backbone"], part, weights, device, f" (fold {i})"), common | fold | {"fold": i}))
+    return out, meta
+
+
+def _fit(backbone: str, state: dict[str, torch.Tensor], weights: Path, device: torch.device, what: str = "") -> torch.nn.Module:
+    model = build_model(backbone, pretrained=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise HcdError(f"{model_dir / 'model.safetensors'}: does not fit backbone {meta['backbone']!r} ({str(exc).splitlines()[0][:100]})") from None
-    return model.to(device).eval(), meta
+        raise HcdError(f"{weights}: does not fit backbone {backbone!r}{what} ({str(exc).splitlines()[0][:100]})") from None
+    return model.to(device).eval()
+
+
+def load_model(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The one model of a backbone trained on a single split (weights and ``model.json``)."""
+    models, meta = load_models(model_dir, device)
+    if len(models) != 1:
+        raise HcdError(f"{model_dir / 'model.json'}: holds {len(models)} fold models; use load_models")
+    return models[0][0], meta

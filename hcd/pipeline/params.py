@@ -77,6 +77,7 @@ class SplitParams(_Strict):
     val_fraction: float = Field(0.1, ge=0.01, le=0.5)
     seed: Seed = 42
     groups: str | None = None  # CSV id,group (slide) under data/groups/: split by group so no slide is on both sides
+    folds: int = Field(1, ge=1, le=20)  # 1: one train/validation split; K >= 2: K folds, every labelled patch held out once
 
     @model_validator(mode="after")
     def _groups_inside(self) -> "SplitParams":
@@ -140,10 +141,16 @@ class ModelOverride(_Strict):
 class PredictParams(_Strict):
     tta: Literal[1, 2, 4, 8] = 8  # dihedral views averaged per patch
     batch_size: int = Field(256, ge=1, le=8192)
+    fold_average: Literal["mean", "rank"] = "mean"  # with split.folds >= 2: how the fold models' test predictions are combined
 
 
 class EnsembleParams(_Strict):
     method: Literal["mean", "rank", "stack"] = "stack"  # stack: logistic regression fitted on validation
+
+
+class ExplainParams(_Strict):
+    tiles: int = Field(12, ge=2, le=60)  # patches per Grad-CAM grid
+    seed: Seed = 0  # the random grid's sample
 
 
 class MetricsParams(_Strict):
@@ -163,6 +170,7 @@ class Params(_Strict):
     predict: PredictParams = PredictParams()
     ensemble: EnsembleParams = EnsembleParams()
     metrics: MetricsParams = MetricsParams()
+    explain: ExplainParams = ExplainParams()
 
     @model_validator(mode="after")
     def _backbones(self) -> "Params":

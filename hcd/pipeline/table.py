@@ -42,6 +42,8 @@ METRICS = "metrics"  # small JSON metrics, kept in git so `dvc metrics diff` com
 PREDICTIONS = "predictions"
 PLOTS = "plots"
 SUBMISSION = "results/submission.csv"
+EXPORT = "export"  # the ONNX bundle (hcd infer reads it)
+EXPORT_PARAMS = ("seed", "lr", "backbones", "data", "scan", "split", "train", "models", "predict", "ensemble")  # recorded in its manifest
 ITEM = "{item}"  # the backbone, in per-backbone stages
 LOGS = "logs"  # Snakemake's per-job log files (git- and DVC-ignored)
 SNAKEMAKE_LOG_SUFFIX = " 2>&1 | tee {log}"  # the stage's output to the terminal and to its log (bash runs with pipefail)
@@ -186,7 +188,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="predict",
         script="workflow/scripts/predict.py",
         args=(ITEM, "--model-dir", f"models/{ITEM}", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--test-x", f"{PACKED}/test_x.npy", "--test-index", f"{PACKED}/test_index.csv", "--val-out", f"{PREDICTIONS}/{ITEM}/val.csv", "--test-out", f"{PREDICTIONS}/{ITEM}/test.csv"),
-        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("stages/predict", *INFER_CODE)),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("stages/predict", "model/combine", *INFER_CODE)),
         outs=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         params=("predict",),
         per_backbone=True,
@@ -194,10 +196,21 @@ STAGES: tuple[Stage, ...] = _gated((
         resources={"gpu": 1},
     ),
     Stage(
+        name="explain",
+        script="workflow/scripts/explain.py",
+        args=(ITEM, "--model-dir", f"models/{ITEM}", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--predictions", f"{PREDICTIONS}/{ITEM}/val.csv", "--grids", f"explain/{ITEM}/grids", "--tiles", f"explain/{ITEM}/tiles.csv"),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", f"{PREDICTIONS}/{ITEM}/val.csv", *_code("stages/explain", "model/cam", *INFER_CODE)),
+        outs=(f"explain/{ITEM}/tiles.csv",),
+        plots=((f"explain/{ITEM}/grids", {"cache": True}),),  # images: DVC shows them with `dvc plots show`
+        params=("explain",),
+        per_backbone=True,
+        dirs=(f"explain/{ITEM}/grids",),
+    ),
+    Stage(
         name="ensemble",
         script="workflow/scripts/ensemble.py",
         args=("--predictions", PREDICTIONS, "--test-index", f"{PACKED}/test_index.csv", "--out-dir", "results/ensemble", "--submission", SUBMISSION),
-        deps=(f"{PACKED}/test_index.csv", *_code("stages/ensemble")),
+        deps=(f"{PACKED}/test_index.csv", *_code("stages/ensemble", "model/combine")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
         params=("backbones", "ensemble", "seed"),
@@ -211,6 +224,16 @@ STAGES: tuple[Stage, ...] = _gated((
         uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", PLOTS),
         params=("backbones", "metrics"),
         dirs=(PLOTS,),
+    ),
+    Stage(
+        name="export",
+        script="workflow/scripts/export.py",
+        args=("--models", "models", "--ensemble", "results/ensemble/ensemble.json", "--out", EXPORT),
+        deps=("results/ensemble/ensemble.json", *_code("stages/export", "model/bundle", "model/weights", "model/factory", "env")),
+        gather=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
+        outs=(EXPORT,),
+        params=EXPORT_PARAMS,
+        dirs=(EXPORT,),
     ),
 ))
 
@@ -226,9 +249,10 @@ TOP_PLOTS = (
 )
 
 
-def final_outputs(stages: tuple[Stage, ...] = STAGES) -> list[str]:
-    """Outputs of the stages that are not per-backbone: the Snakemake ``all`` target pulls the rest."""
-    return [o for s in stages if not s.per_backbone for o in s.outputs]
+def final_outputs(backbones: list[str], stages: tuple[Stage, ...] = STAGES) -> list[str]:
+    """Every stage's outputs, per-backbone ones for each backbone: the Snakemake ``all`` target
+    (a per-backbone stage nothing else reads, such as explain, runs because ``all`` asks for it)."""
+    return [o.replace(ITEM, b) if s.per_backbone else o for s in stages for o in s.outputs for b in (backbones if s.per_backbone else [None])]
 
 
 def snakemake_params(params: Params, stage: Stage) -> dict[str, Any]:

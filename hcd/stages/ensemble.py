@@ -6,7 +6,10 @@
 * ``rank``  — the mean of their ranks (scaled to [0, 1]), robust to calibration differences;
 * ``stack`` — a logistic regression on the backbones' logits, fitted on the validation
   side; its validation predictions are cross-validated (5 folds), so the reported
-  validation AUC is not fitted on itself.
+  validation AUC is not fitted on itself. With ``split.folds: K`` it is fitted on the
+  out-of-fold predictions of every labelled patch, cross-validated over the split's
+  own folds (grouped by slide when ``split.groups`` is set), so no patch is scored
+  by a stacker that saw it or its slide.
 
 The submission is validated before it is written: header ``id,label``, one row per
 ``sample_submission.csv`` id in its order, probabilities in [0, 1], no NaN.
@@ -20,33 +23,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import logit
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import PredefinedSplit, StratifiedKFold, cross_val_predict
 
 from hcd.atomic import Commit, clean_stale_temps
 from hcd.errors import HcdError, excerpt
+from hcd.model.combine import rank_mean, stack_logits
 from hcd.pipeline.params import load_params
 
 
-def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
-    """val (n_val, k) and test (n_test, k) probabilities -> combined (val, test, weights)."""
+def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, seed: int = 0, fold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """val (n_val, k) and test (n_test, k) probabilities -> combined (val, test, the stacker's fit: weights and intercept).
+    ``fold``: the split's fold of each validation row (out-of-fold predictions); the stacker is cross-validated over it."""
     if method == "mean":
         return val.mean(1), test.mean(1), None
     if method == "rank":
-
-        def ranks(a: np.ndarray) -> np.ndarray:
-            return np.mean([(rankdata(a[:, j]) - 1) / max(1, len(a) - 1) for j in range(a.shape[1])], axis=0)
-
-        return ranks(val), ranks(test), None
+        return rank_mean(val), rank_mean(test), None
     if method == "stack":
-        z_val, z_test = logit(np.clip(val, 1e-6, 1 - 1e-6)), logit(np.clip(test, 1e-6, 1 - 1e-6))
+        z_val, z_test = stack_logits(val), stack_logits(test)
         lr = LogisticRegression(C=1.0, max_iter=1000)
-        folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+        folds = StratifiedKFold(5, shuffle=True, random_state=seed) if fold is None else PredefinedSplit(fold)
         cv = cross_val_predict(lr, z_val, y_val, cv=folds, method="predict_proba")[:, 1]
         lr.fit(z_val, y_val)
-        return cv, lr.predict_proba(z_test)[:, 1], [float(w) for w in lr.coef_[0]]
+        return cv, lr.predict_proba(z_test)[:, 1], {"weights": [float(w) for w in lr.coef_[0]], "intercept": float(lr.intercept_[0])}
     raise HcdError(f"params.yaml: ensemble.method: unknown method {method!r}")
 
 
@@ -83,16 +82,22 @@ def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str
     for b, v, t in zip(backbones, vals, tests):
         if not (v["id"].equals(vals[0]["id"]) and t["id"].equals(tests[0]["id"])):
             raise HcdError(f"{pred_dir / b}: predictions are for other ids than {backbones[0]}'s (rerun predict)")
+    folded = "fold" in vals[0].columns
+    for b, v in zip(backbones, vals):
+        if ("fold" in v.columns) != folded or (folded and not v["fold"].equals(vals[0]["fold"])):
+            raise HcdError(f"{pred_dir / b / 'val.csv'}: other folds than {backbones[0]}'s (rerun train and predict after split)")
     y = vals[0]["label"].to_numpy()
+    fold = vals[0]["fold"].to_numpy() if folded else None
     pv = np.stack([v["prob"].to_numpy() for v in vals], 1)
     pt = np.stack([t["prob"].to_numpy() for t in tests], 1)
-    cv, ct, weights = combine(method, pv, pt, y, seed)
+    cv, ct, fit = combine(method, pv, pt, y, seed, fold)
     expected = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)["id"].tolist()
     sub = pd.DataFrame({"id": tests[0]["id"], "label": np.clip(ct, 0.0, 1.0)})
     validate_submission(sub, expected, str(submission))
-    info = {"method": method, "backbones": backbones, "weights": weights}
+    # the stacker's weights (on each backbone's logit) and intercept: hcd infer and the export bundle apply them
+    info = {"method": method, "backbones": backbones, **(fit or {"weights": None, "intercept": None})}
     with Commit() as commit:
-        commit.csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, "prob": cv}))
+        commit.csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, **({"fold": fold} if folded else {}), "prob": cv}))
         commit.csv(submission, sub)
         commit.json(out_dir / "ensemble.json", info)
     log(f"ensemble: {method} of {', '.join(backbones)} -> {submission} ({len(sub)} rows)")

@@ -7,6 +7,11 @@ bootstrap 95 % interval, log loss, and accuracy / sensitivity / specificity at
 ``metrics/summary.json`` (the top-level DVC metric), and ROC, precision-recall and
 confusion-matrix data under ``plots/`` (top-level DVC plots).
 
+With ``split.folds: K`` the predictions scored are out-of-fold (every labelled
+patch, each from the model that did not train on it), and each backbone and the
+ensemble also get the AUC of every fold with its mean, std, min and max
+(``folds`` in metrics.json; the std as ``auc_fold_std`` in summary.json).
+
 The scores themselves come from :mod:`hcd.scoring` (also behind ``hcd score``).
 """
 
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from hcd import env
 from hcd.atomic import Commit, clean_stale_temps
@@ -49,6 +54,8 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
             raise HcdError(f"{path}: not found (run predict / ensemble first)") from None
         y, p = frame["label"].to_numpy(), frame["prob"].to_numpy()
         out[name] = score(y, p, n_boot, seed)
+        if "fold" in frame.columns:
+            out[name]["folds"] = fold_spread(y, p, frame["fold"].to_numpy())
         fpr, tpr, _ = roc_curve(y, p)
         prec, rec, _ = precision_recall_curve(y, p)
         curves[f"roc/{name}.json"] = {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")}
@@ -57,6 +64,8 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
             pred = (p >= 0.5).astype(int)
             curves["confusion.json"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}
         m = out[name]
+        if "folds" in m:
+            log(f"metrics {name}: out-of-fold; AUC per fold {', '.join(f'{a:.4f}' for a in m['folds']['auc'])} (std {m['folds']['std']:.4f})")
         log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
     best = max(backbones, key=lambda b: out[b]["auc"])
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
@@ -67,8 +76,22 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_text(json.dumps(obj, indent=2) + "\n")
         commit.json(metrics_out, out)
-        commit.json(summary_out, {name: {"auc": out[name]["auc"], "auc_ci95_low": out[name]["auc_ci95"][0], "auc_ci95_high": out[name]["auc_ci95"][1]} for name in [*backbones, "ensemble"]})
+        commit.json(summary_out, {name: summary_entry(out[name]) for name in [*backbones, "ensemble"]})
     return out
+
+
+def fold_spread(y: np.ndarray, p: np.ndarray, fold: np.ndarray) -> dict:
+    """AUC of each fold's held-out patches, and how much they differ."""
+    aucs = [float(roc_auc_score(y[fold == k], p[fold == k])) for k in range(int(fold.max()) + 1)]
+    return {"auc": aucs, "mean": float(np.mean(aucs)), "std": float(np.std(aucs)), "min": min(aucs), "max": max(aucs)}
+
+
+def summary_entry(m: dict) -> dict:
+    """What `dvc metrics diff` and `dvc exp show` compare: AUC, its 95 % interval, and the spread over folds."""
+    entry = {"auc": m["auc"], "auc_ci95_low": m["auc_ci95"][0], "auc_ci95_high": m["auc_ci95"][1]}
+    if "folds" in m:
+        entry["auc_fold_std"] = m["folds"]["std"]
+    return entry
 
 
 def main(argv: list[str] | None = None) -> None:

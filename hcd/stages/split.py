@@ -1,13 +1,19 @@
-"""Stage ``split``: stratified train/validation split, grouped by slide when known.
+"""Stage ``split``: stratified train/validation split or K folds, grouped by slide when known.
 
 Without groups: a stratified random split (``split.val_fraction``,
 ``split.seed``). With ``split.groups`` (a CSV ``id,group`` — e.g. the slide
-each patch was cut from, kept in ``data/groups/``): a stratified *group* split,
-so no slide is on both sides. Neighbouring patches of one slide look alike; a
-random split of them inflates validation AUC.
+each patch was cut from, kept in ``data/groups/``; Kaggle's shared
+``patch_id_wsi_full.csv`` with columns ``id,wsi`` is taken as it comes): a
+stratified *group* split, so no slide is on both sides. Neighbouring patches of
+one slide look alike; a random split of them inflates validation AUC.
 
-Writes ``split.csv`` (row, id, label, side) and a balance JSON (count and
-positive fraction per side; in git, beside the metrics).
+``split.folds: K`` (K >= 2): stratified K-fold (grouped with ``split.groups``: no
+slide in two folds); every labelled patch is held out by exactly one fold.
+
+Writes ``split.csv`` — row, id, label, side (train/val) with one split, or
+row, id, label, fold (the fold that holds the patch out) with K folds — and a
+balance JSON (count and positive fraction per side or per fold; in git, beside
+the metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from hcd.atomic import Commit, clean_stale_temps
 from hcd.data.packed import read_index
@@ -38,8 +44,10 @@ def read_groups(path: str | Path, ids: pd.Series) -> np.ndarray:
     except (pd.errors.ParserError, ValueError) as exc:
         raise HcdError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     groups.columns = [c.strip().lower() for c in groups.columns]
+    if "group" not in groups.columns and "wsi" in groups.columns:  # Kaggle's shared patch_id_wsi_full.csv
+        groups = groups.rename(columns={"wsi": "group"})
     if not {"id", "group"} <= set(groups.columns):
-        raise HcdError(f"{path}: expected header 'id,group', found {excerpt(','.join(groups.columns))}")
+        raise HcdError(f"{path}: expected header 'id,group' (or 'id,wsi'), found {excerpt(','.join(groups.columns))}")
     if groups["id"].duplicated().any():
         raise HcdError(f"{path}: id {excerpt(groups.loc[groups['id'].duplicated(), 'id'].iloc[0])} appears twice")
     mapping = groups.set_index("id")["group"]
@@ -75,6 +83,53 @@ def split(index: pd.DataFrame, p: SplitParams, groups: np.ndarray | None = None,
     val[val_idx] = True
     check_honest(y, val, p, groups, warn)
     return val
+
+
+def assign_folds(index: pd.DataFrame, p: SplitParams, groups: np.ndarray | None = None) -> np.ndarray:
+    """The fold (0..K-1) that holds each row out: stratified, grouped when ``groups`` is given.
+    Refuses, naming ``split.folds`` and the numbers, folds that cannot each hold both classes."""
+    y = index["label"].to_numpy()
+    k = p.folds
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < k:
+        cls = "positive" if counts[1] < counts[0] else "negative"
+        raise HcdError(f"split: split.folds {k} needs at least {k} patches of each class; there are {int(counts.min())} {cls} ({len(y)} patches)")
+    fold = np.full(len(y), -1, dtype=np.int64)
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=p.seed)
+        parts = splitter.split(np.zeros(len(y)), y)
+    else:
+        n_groups = len(np.unique(groups))
+        if n_groups < k:
+            raise HcdError(f"split: split.folds {k} needs at least {k} groups; {p.groups} has {n_groups}")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=p.seed)
+        parts = splitter.split(np.zeros(len(y)), y, groups)
+    for i, (_, held) in enumerate(parts):
+        fold[held] = i
+    for i in range(k):
+        held = fold == i
+        pos = int(y[held].sum())
+        if pos == 0 or pos == held.sum():
+            how = f" (the groups in {p.groups} do not spread the classes over {k} folds)" if groups is not None else ""
+            raise HcdError(f"split: split.folds {k}: fold {i} holds {int(held.sum()) - pos} negative and {pos} positive patches; each fold needs both classes{how}; use fewer folds")
+    return fold
+
+
+def fold_balance(index: pd.DataFrame, fold: np.ndarray, groups: np.ndarray | None) -> dict:
+    """Size, positives and groups of each fold; with groups, how many groups sit in two folds (0 by construction)."""
+    y = index["label"].to_numpy()
+    per = []
+    for i in range(int(fold.max()) + 1):
+        held = fold == i
+        rec = {"fold": i, "n": int(held.sum()), "positive": int(y[held].sum()), "positive_fraction": round(float(y[held].mean()), 4)}
+        if groups is not None:
+            rec["groups"] = int(len(np.unique(groups[held])))
+        per.append(rec)
+    out: dict = {"folds": len(per), "per_fold": per, "grouped": groups is not None}
+    if groups is not None:
+        owners = pd.DataFrame({"g": groups, "f": fold}).groupby("g")["f"].nunique()
+        out["groups_in_two_folds"] = int((owners > 1).sum())
+    return out
 
 
 def check_honest(y: np.ndarray, val: np.ndarray, p: SplitParams, groups: np.ndarray | None, warn=print) -> None:
@@ -134,10 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     clean_stale_temps(args.out, args.balance)
     index = read_index(args.index)
     groups = read_groups(p.groups, index["id"]) if p.groups else None
-    val = split(index, p, groups, warn=lambda m: print(m, file=sys.stderr))
-    frame = index[["row", "id", "label"]].assign(side=np.where(val, "val", "train"))
-    bal = balance(index, val, groups)
+    if p.folds >= 2:
+        fold = assign_folds(index, p, groups)
+        frame = index[["row", "id", "label"]].assign(fold=fold)
+        bal = fold_balance(index, fold, groups)
+        said = f"split: {p.folds} folds of {', '.join(str(f['n']) for f in bal['per_fold'])} patches, positive fraction {', '.join(str(f['positive_fraction']) for f in bal['per_fold'])}"
+    else:
+        val = split(index, p, groups, warn=lambda m: print(m, file=sys.stderr))
+        frame = index[["row", "id", "label"]].assign(side=np.where(val, "val", "train"))
+        bal = balance(index, val, groups)
+        said = f"split: {bal['train']['n']} train / {bal['val']['n']} val, positive fraction {bal['train']['positive_fraction']} / {bal['val']['positive_fraction']}"
     with Commit() as commit:
         commit.csv(args.out, frame)
         commit.json(args.balance, bal)
-    print(f"split: {bal['train']['n']} train / {bal['val']['n']} val, positive fraction {bal['train']['positive_fraction']} / {bal['val']['positive_fraction']}", file=sys.stderr)
+    print(said, file=sys.stderr)

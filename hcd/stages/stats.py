@@ -5,7 +5,10 @@ array in memory), validation rows and outliers excluded. Sums of pixels and of
 their squares are accumulated in unsigned 64-bit integers — exact for any
 dataset size (float64 accumulation would also do; integers cost the same and
 leave no rounding at all) — and turned into float64 mean/std once at the end.
-Writes ``stats.json``, which training reads for normalisation.
+Writes ``stats.json``, which training reads for normalisation. With
+``split.folds: K`` it holds one entry per fold (``folds``), each from that
+fold's training side only, so no fold model is normalised with statistics of
+the patches it is judged on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hcd.atomic import clean_stale_temps, write_json
-from hcd.data.packed import open_packed, read_split
+from hcd.data.packed import held_out, open_packed, read_split
 from hcd.errors import HcdError
 
 
@@ -58,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     clean_stale_temps(args.out)
     x = open_packed(args.packed)
     index, sides = read_split(args.index, args.split, n_rows=len(x))
-    use = (sides["side"] == "train").to_numpy()
-    if "outlier" in index.columns:
-        use = use & (index["outlier"].to_numpy() == 0)
-    stats = channel_stats(x, index["row"].to_numpy()[use])
+    inlier = (index["outlier"].to_numpy() == 0) if "outlier" in index.columns else np.ones(len(index), dtype=bool)
+    per_fold = [channel_stats(x, index["row"].to_numpy()[~held & inlier]) for held in held_out(sides, args.split)]
+    stats = per_fold[0] if "fold" not in sides.columns else {"folds": per_fold}
     write_json(Path(args.out), stats)
-    m, s = stats["mean"], stats["std"]
-    print(f"stats: {stats['n_patches']} patches, mean {[round(v, 4) for v in m]}, std {[round(v, 4) for v in s]}", file=sys.stderr)
+    for i, st in enumerate(per_fold):
+        where = f" (fold {i})" if len(per_fold) > 1 else ""
+        print(f"stats{where}: {st['n_patches']} patches, mean {[round(v, 4) for v in st['mean']]}, std {[round(v, 4) for v in st['std']]}", file=sys.stderr)

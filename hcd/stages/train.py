@@ -39,7 +39,7 @@ from hcd import env
 from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.data.augment import AugmentConfig
 from hcd.data.batches import PackedBatches, Preprocess
-from hcd.data.packed import open_packed, read_split
+from hcd.data.packed import held_out, open_packed, read_split
 from hcd.errors import HcdError
 from hcd.model import checkpoint
 from hcd.model.factory import build_model, classifier_params
@@ -74,12 +74,10 @@ class Progress:
     stopped: bool = False
 
 
-def load_inputs(backbone: str, cfg: TrainParams, packed: Path, index: Path, split: Path, stats: Path, device: torch.device) -> Inputs:
-    x = open_packed(packed)
-    idx, sides = read_split(index, split, n_rows=len(x))
-    st = read_json(stats)
+def load_inputs(backbone: str, cfg: TrainParams, x: np.ndarray, idx, held: np.ndarray, st: dict, split: Path, device: torch.device) -> Inputs:
+    """The patches one model trains on (``~held``) and is judged on (``held``), with the stats of its training side."""
     prep = Preprocess(cfg.crop, cfg.upscale, tuple(st["mean"]), tuple(st["std"]))
-    is_train = (sides["side"] == "train").to_numpy()
+    is_train = ~held
     labels = idx["label"].to_numpy()
     check_sides(backbone, cfg, labels[is_train], labels[~is_train], split)
     rows = idx["row"].to_numpy()
@@ -119,7 +117,7 @@ def build_trainer(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs:
     return Trainer(model, fwd, opt, sched, inputs.prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, cfg.epochs, scaler, pos_weight)
 
 
-def resume(t: Trainer, ckpt_path: Path, key: str, log) -> Progress:
+def resume(t: Trainer, ckpt_path: Path, key: str, log, name: str | None = None) -> Progress:
     """The progress of a checkpoint of this very run (same key), with every state restored; else a fresh start."""
     fresh = Progress(best={"auc": float("nan"), "score": -math.inf, "epoch": -1, "state": None}, history=[])
     state = checkpoint.load(ckpt_path, key, log)
@@ -130,7 +128,7 @@ def resume(t: Trainer, ckpt_path: Path, key: str, log) -> Progress:
     t.sched.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"], t.gen_order, t.gen_aug)
-    log(f"train {t.name}: resuming after epoch {state['epoch']} from {ckpt_path}")
+    log(f"train {name or t.name}: resuming after epoch {state['epoch']} from {ckpt_path}")
     return Progress(state["best"], state["history"], state["bad_epochs"], state["epoch"], state["stopped"])
 
 
@@ -170,6 +168,57 @@ def save_checkpoint(t: Trainer, prog: Progress, ckpt_path: Path, key: str, epoch
     checkpoint.save(ckpt_path, state)
 
 
+def checkpoint_path(out_dir: Path, fold: int, folds: int) -> Path:
+    """``checkpoint.pt`` with one split; ``checkpoint-fold<k>.pt`` per fold with ``split.folds: K``."""
+    return out_dir / (checkpoint.NAME if folds == 1 else checkpoint.NAME.replace(".pt", f"-fold{fold}.pt"))
+
+
+def fit_fold(t: Trainer, inputs: Inputs, cfg: TrainParams, fold: int, folds: int, key: str, out_dir: Path, live, log) -> Progress:
+    """Train one model (the only one, or fold ``fold`` of ``folds``), resuming its checkpoint; log its curves."""
+    tag, name = (f"fold{fold}/", f"{t.name} fold {fold}") if folds > 1 else ("", t.name)
+    head = set(map(id, classifier_params(t.model)))
+    ckpt_path = checkpoint_path(out_dir, fold, folds)
+    fold_key = key if folds == 1 else checkpoint.sub_key(key, f"fold {fold} of {folds}")
+    prog = resume(t, ckpt_path, fold_key, log, name)
+    already_done = prog.stopped or prog.start >= cfg.epochs
+    log(f"train {name}: {len(inputs.train)} train / {len(inputs.val)} val patches, {t.device.type}, lr {t.opt.defaults['lr']:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
+    t_start = time.perf_counter()
+    if folds > 1:
+        live.step = 0  # each fold's curves start at the first epoch
+    for rec in prog.history:  # a resumed run rewrites the curves of the epochs before the kill
+        _log_epoch(live, rec, tag)
+    for epoch in range(prog.start, cfg.epochs):
+        if prog.stopped:
+            break
+        frozen = epoch < cfg.freeze_epochs and bool(head)
+        for p in t.model.parameters():
+            p.requires_grad_(not frozen or id(p) in head)
+        rec = run_epoch(t, inputs, epoch, cfg.max_steps, ckpt_path)
+        prog.history.append(rec)
+        _log_epoch(live, rec, tag)
+        log(f"train {name}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, val AUC {rec['val_auc']:.4f}")
+        update_best(t, prog, rec, cfg.patience, log)
+        if epoch + 1 < cfg.epochs and not prog.stopped:  # after the last epoch, model.safetensors is written instead
+            save_checkpoint(t, prog, ckpt_path, fold_key, epoch + 1)
+    if folds > 1 and not already_done:  # a finished fold is kept until every fold is: a kill in a later fold does not redo it
+        prog.stopped = True
+        save_checkpoint(t, prog, ckpt_path, fold_key, len(prog.history))
+    live.summary[f"{tag}best/val_auc"] = prog.best["auc"]
+    live.summary[f"{tag}best/epoch"] = prog.best["epoch"]
+    log(f"train {name}: best val AUC {prog.best['auc']:.4f} at epoch {prog.best['epoch']}; {time.perf_counter() - t_start:.0f} s")
+    return prog
+
+
+def fold_stats(stats: Path, folds: int) -> list[dict]:
+    """The normalisation of each fold's model, from its own training side (``stats`` stage)."""
+    st = read_json(stats)
+    per = st.get("folds") if isinstance(st, dict) else None
+    if (folds == 1) != (per is None) or (per is not None and len(per) != folds):
+        have = len(per) if per is not None else 1
+        raise HcdError(f"{stats}: statistics for {have} fold(s), but the split has {folds} (rerun stats)")
+    return per if per is not None else [st]
+
+
 def train(backbone: str, params: Params, packed: Path, index: Path, split: Path, stats: Path, out_dir: Path, live_dir: Path, log=print) -> dict:
     lr, cfg = params.for_backbone(backbone)
     seed = params.seed
@@ -177,63 +226,63 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     seed_everything(seed)
     threads = set_threads()
     device = pick_device()
-    inputs = load_inputs(backbone, cfg, packed, index, split, stats, device)
-    t = build_trainer(backbone, cfg, lr, seed, inputs, device)
-    head = set(map(id, classifier_params(t.model)))
+    x = open_packed(packed)
+    idx, sides = read_split(index, split, n_rows=len(x))
+    masks = held_out(sides, split)
+    folds = len(masks)
+    # every fold's data checked before any fold trains
+    inputs = [load_inputs(backbone, cfg, x, idx, held, st, split, device) for held, st in zip(masks, fold_stats(stats, folds))]
 
     from dvclive import Live
 
-    ckpt_path = out_dir / checkpoint.NAME
     settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": checkpoint.device_identity(device), "threads": threads, "max_steps": max_steps}
     key = checkpoint.run_key(settings, packed, [index, split, stats])
-    prog = resume(t, ckpt_path, key, log)
-    log(f"train {backbone}: {len(inputs.train)} train / {len(inputs.val)} val patches, {device.type}, {threads} threads, lr {lr:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
-    t_start = time.perf_counter()
+    log(f"train {backbone}: {device.type}, {threads} threads" + (f", {folds} folds" if folds > 1 else ""))
+    runs: list[tuple[Inputs, Progress]] = []
     with Commit() as commit:  # curves and model files appear together, only when training has finished
         with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for rec in prog.history:  # a resumed run rewrites the curves of the epochs before the kill
-                _log_epoch(live, rec)
-            for epoch in range(prog.start, cfg.epochs):
-                if prog.stopped:
-                    break
-                frozen = epoch < cfg.freeze_epochs and bool(head)
-                for p in t.model.parameters():
-                    p.requires_grad_(not frozen or id(p) in head)
-                rec = run_epoch(t, inputs, epoch, max_steps, ckpt_path)
-                prog.history.append(rec)
-                _log_epoch(live, rec)
-                log(f"train {backbone}: epoch {epoch + 1}: train loss {rec['train_loss']:.4f}, val loss {rec['val_loss']:.4f}, val AUC {rec['val_auc']:.4f}")
-                update_best(t, prog, rec, cfg.patience, log)
-                if epoch + 1 < cfg.epochs and not prog.stopped:  # after the last epoch, model.safetensors is written instead
-                    save_checkpoint(t, prog, ckpt_path, key, epoch + 1)
-            live.summary["best/val_auc"] = prog.best["auc"]
-            live.summary["best/epoch"] = prog.best["epoch"]
-        log(f"train {backbone}: best val AUC {prog.best['auc']:.4f} at epoch {prog.best['epoch']}; {time.perf_counter() - t_start:.0f} s")
-        meta = {  # deterministic: no wall times, so reruns and both engines give identical files
-            "backbone": backbone,
-            "crop": cfg.crop,
-            "upscale": cfg.upscale,
-            "mean": list(inputs.prep.mean),
-            "std": list(inputs.prep.std),
-            "best_epoch": prog.best["epoch"],
-            "best_val_auc": prog.best["auc"],
-            "epochs_run": len(prog.history),
-            "device": device.type,
-            "lr": lr,
-            "train": cfg.model_dump(mode="json", exclude=set() if cfg.max_steps else {"max_steps"}),  # a full run's file stays as before max_steps existed
-            "seed": seed,
-            "history": prog.history,
-            "environment": env.environment() | checkpoint.device_identity(device),  # what the weights came from
-        }
-        save_model(out_dir, prog.best["state"], meta, commit)
-    ckpt_path.unlink(missing_ok=True)  # the run is complete; a rerun starts afresh
+            for fold, inp in enumerate(inputs):
+                if fold:
+                    seed_everything(seed)  # each fold starts from the same initial weights and generators
+                t = build_trainer(backbone, cfg, lr, seed, inp, device)
+                runs.append((inp, fit_fold(t, inp, cfg, fold, folds, key, out_dir, live, log)))
+            if folds > 1:
+                live.summary["best/val_auc_mean"] = float(np.mean([prog.best["auc"] for _, prog in runs]))
+        meta = model_meta(backbone, cfg, lr, seed, device, runs)
+        state = runs[0][1].best["state"] if folds == 1 else {f"fold{i}.{k}": v for i, (_, prog) in enumerate(runs) for k, v in prog.best["state"].items()}
+        save_model(out_dir, state, meta, commit)
+    for fold in range(folds):  # the run is complete; a rerun starts afresh
+        checkpoint_path(out_dir, fold, folds).unlink(missing_ok=True)
     return meta
 
 
-def _log_epoch(live, rec: dict) -> None:
-    live.log_metric("train/loss", rec["train_loss"])
-    live.log_metric("val/loss", rec["val_loss"])
-    live.log_metric("val/auc", rec["val_auc"])
+def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: torch.device, runs: list[tuple[Inputs, Progress]]) -> dict:
+    """``model.json``: deterministic (no wall times), so reruns and both engines give identical files."""
+    per = [
+        {"mean": list(inp.prep.mean), "std": list(inp.prep.std), "best_epoch": prog.best["epoch"], "best_val_auc": prog.best["auc"], "epochs_run": len(prog.history)}
+        for inp, prog in runs
+    ]
+    head: dict = {"backbone": backbone, "crop": cfg.crop, "upscale": cfg.upscale}
+    if len(runs) == 1:
+        head |= per[0]
+    else:
+        head |= {"folds": len(runs), "fold_models": [{"fold": i, **rec, "history": prog.history} for i, (rec, (_, prog)) in enumerate(zip(per, runs))]}
+    head |= {
+        "device": device.type,
+        "lr": lr,
+        "train": cfg.model_dump(mode="json", exclude=set() if cfg.max_steps else {"max_steps"}),  # a full run's file stays as before max_steps existed
+        "seed": seed,
+    }
+    if len(runs) == 1:
+        head["history"] = runs[0][1].history
+    head["environment"] = env.environment() | checkpoint.device_identity(device)  # what the weights came from
+    return head
+
+
+def _log_epoch(live, rec: dict, tag: str = "") -> None:
+    live.log_metric(f"{tag}train/loss", rec["train_loss"])
+    live.log_metric(f"{tag}val/loss", rec["val_loss"])
+    live.log_metric(f"{tag}val/auc", rec["val_auc"])
     live.next_step()
 
 
@@ -252,5 +301,5 @@ def main(argv: list[str] | None = None) -> None:
     if args.backbone not in params.backbones:
         raise HcdError(f"backbones: {args.backbone!r} is not in {params.backbones}")
     out, live = Path(args.out_dir), Path(args.live_dir)
-    clean_stale_temps(out / "model.safetensors", out / "model.json", out / checkpoint.NAME, live)
+    clean_stale_temps(out / "model.safetensors", out / "model.json", live, *out.glob("checkpoint*.pt"))
     train(args.backbone, params, Path(args.packed), Path(args.index), Path(args.split), Path(args.stats), out, live, log=lambda m: print(m, file=sys.stderr))

@@ -1,0 +1,1 @@
+"""Commands around the pipeline (not stages): ``hcd infer``, ``hcd submit``, ``hcd lr-find``."""

@@ -1,0 +1,141 @@
+"""The export bundle and `hcd infer`: ONNX parity with torch, tamper checks, bad patches, the pipeline's numbers.
+
+A tiny cnn is trained once on hand-made arrays; the engines export and infer on the demo in tests/test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, training_arrays
+
+from hcd.data.augment import tta_views
+from hcd.data.batches import PackedBatches, Preprocess
+from hcd.data.tiff import encode_patch
+from hcd.errors import HcdError
+from hcd.model.bundle import read_bundle
+from hcd.model.inference import predict_probs
+from hcd.model.weights import load_models
+from hcd.pipeline.params import Params
+from hcd.stages.export import export
+from hcd.stages.train import train
+from hcd.tools.infer import infer
+
+FIT = {"method": "stack", "backbones": ["cnn"], "weights": [1.3], "intercept": -0.2}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = training_arrays(tmp_path_factory.mktemp("bundle"), 64, learnable=True)
+    p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 48, "patience": 0}, "predict": {"tta": 2}})
+    train("cnn", p, root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", root / "models/cnn", root / "live", log=lambda m: None)
+    (root / "ensemble.json").write_text(json.dumps(FIT))
+    export(p, root / "models", root / "ensemble.json", root / "export", log=lambda m: None)
+    return root
+
+
+def pipeline_probs(root, rows: np.ndarray) -> np.ndarray:
+    """What predict + ensemble give for these rows of x.npy: TTA x2 with torch, then the stacker."""
+    (model, m), = load_models(root / "models/cnn", torch.device("cpu"))[0]
+    prep = Preprocess(m["crop"], m["upscale"], tuple(m["mean"]), tuple(m["std"]))
+    p = predict_probs(model, PackedBatches(np.load(root / "x.npy"), rows), prep, torch.device("cpu"), 64, 2).astype(np.float64)
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+    return 1 / (1 + np.exp(-(z * FIT["weights"][0] + FIT["intercept"])))
+
+
+def test_manifest_records_preprocessing_ensemble_params_and_digests(bundle):
+    manifest = read_bundle(bundle / "export")
+    (b,) = manifest["backbones"]
+    assert b["name"] == "cnn" and b["crop"] == 48 and b["models"][0]["file"] == "cnn/model.onnx"
+    assert manifest["tta"]["views"] == 2 and manifest["ensemble"] == FIT
+    assert manifest["params"]["train"]["crop"] == 48 and len(manifest["params_sha256"]) == 64
+    assert set(manifest["files"]) == {"cnn/model.onnx", "cnn/model.safetensors", "cnn/model.json"}
+
+
+def test_onnxruntime_and_torch_agree_on_a_batch(bundle):
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(bundle / "export/cnn/model.onnx"))
+    (model, m), = load_models(bundle / "models/cnn", torch.device("cpu"))[0]
+    prep = Preprocess(m["crop"], m["upscale"], tuple(m["mean"]), tuple(m["std"]))
+    x = tta_views(prep(torch.from_numpy(np.load(bundle / "x.npy")[:24]), torch.device("cpu")), 2).contiguous()
+    sess = ort.InferenceSession(str(bundle / "export/cnn/model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"patches": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert got.shape == (48, 1) and np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("damage", ["tamper", "remove"])
+def test_a_tampered_or_missing_bundle_file_is_refused_with_one_line(bundle, tmp_path, damage):
+    copy = shutil.copytree(bundle / "export", tmp_path / "export")
+    target = copy / "cnn/model.onnx"
+    if damage == "tamper":
+        data = bytearray(target.read_bytes())
+        data[-10] ^= 0xFF
+        target.write_bytes(bytes(data))
+        expected = "cnn/model.onnx: sha256 differs from the manifest"
+    else:
+        target.unlink()
+        expected = "cnn/model.onnx: missing from the bundle"
+    with pytest.raises(HcdError, match=expected) as err:
+        infer(copy, [str(bundle / "x.npy")], tmp_path / "out.csv", progress=False, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_infer_gives_a_row_per_bad_file_and_the_pipelines_numbers_for_the_rest(bundle, tmp_path):
+    x = np.load(bundle / "x.npy")
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    good = [3, 10, 17, 40, 63]
+    for r in good:
+        (folder / f"{r:040x}.tif").write_bytes(encode_patch(x[r]))
+    (folder / "truncated.tif").write_bytes(encode_patch(x[0])[:5000])
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(x[1]).save(png, format="PNG")
+    (folder / "renamed_png.tif").write_bytes(png.getvalue())
+    (folder / "narrow.tif").write_bytes(encode_patch(np.ascontiguousarray(x[2][:95])))
+    out = infer(bundle / "export", [str(folder)], tmp_path / "pred.csv", progress=False, log=lambda m: None)
+    written = pd.read_csv(tmp_path / "pred.csv", dtype={"id": str}, keep_default_na=False)
+    assert list(written.columns) == ["id", "label", "error"] and len(written) == 8
+    bad = written[written["error"] != ""].set_index("id")["error"]
+    assert set(bad.index) == {"truncated", "renamed_png", "narrow"}
+    assert bad["renamed_png"].startswith("undecodable") and "PNG" in bad["renamed_png"]
+    assert bad["narrow"].startswith("wrong_format") and bad["truncated"].startswith("undecodable")
+    ok = out[out["error"] == ""]
+    assert ok["id"].tolist() == [f"{r:040x}" for r in good]
+    np.testing.assert_allclose(ok["label"].to_numpy(), pipeline_probs(bundle, np.array(good)), atol=1e-4)
+    torch_out = infer(bundle / "export", [str(folder)], tmp_path / "pred_torch.csv", runtime="torch", progress=False, log=lambda m: None)
+    np.testing.assert_allclose(torch_out["label"].to_numpy()[:5], ok["label"].to_numpy(), atol=1e-4)
+
+
+def test_infer_reads_zips_and_single_files(bundle, tmp_path):
+    import zipfile
+
+    x = np.load(bundle / "x.npy")
+    with zipfile.ZipFile(tmp_path / "kaggle.zip", "w") as zf:
+        zf.writestr("train/" + "a" * 40 + ".tif", encode_patch(x[5]))  # Kaggle layout: only test/ is predicted
+        for r in (6, 7):
+            zf.writestr(f"test/{r:040x}.tif", encode_patch(x[r]))
+    (tmp_path / "one.tif").write_bytes(encode_patch(x[8]))
+    out = infer(bundle / "export", [str(tmp_path / "kaggle.zip"), str(tmp_path / "one.tif")], tmp_path / "p.csv", progress=False, log=lambda m: None)
+    assert out["id"].tolist() == [f"{6:040x}", f"{7:040x}", "one"]
+    np.testing.assert_allclose(out["label"].to_numpy(), pipeline_probs(bundle, np.array([6, 7, 8])), atol=1e-4)
+
+
+def test_hcd_infer_command_line(bundle, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hcd", "infer", str(bundle / "export"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "p.csv")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"hcd infer: error: {tmp_path / 'nowhere'}: not found"]
