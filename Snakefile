@@ -35,12 +35,26 @@ BACKBONES = PARAMS.backbones
 
 
 def outputs(name):
+    """The stage's outputs; folders marked directory(), and those the table puts on the report page
+    wrapped in report() with their caption (workflow/report/<stage or figure>.rst) and category."""
     stage = S[name]
-    return [directory(wildcard(o)) if o in stage.dirs else wildcard(o) for o in stage.outputs]
+    on_page = dict(stage.report)
+    out = []
+    for o in stage.outputs:
+        path = directory(wildcard(o)) if o in stage.dirs else wildcard(o)
+        if o in on_page:
+            caption = f"workflow/report/{name if o in stage.dirs else o.rsplit('/', 1)[-1].split('.')[0]}.rst"
+            extra = {"patterns": ["{name}.png"], "subcategory": "{backbone}"} if o in stage.dirs else {}
+            path = report(path, caption=caption, category=on_page[o], **extra)
+        out.append(path)
+    return out
 
 
 def threads(name):
     return workflow.cores if S[name].threads == "all" else S[name].threads
+
+
+report: "workflow/report/workflow.rst"  # `snakemake --report report.html`: the figures of report/ and explain/
 
 
 wildcard_constraints:

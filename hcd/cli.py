@@ -7,6 +7,7 @@ Usage ("hcd COMMAND --help" for the options of a command):
     hcd infer BUNDLE INPUT... --out CSV        predict new patches (folders, zips, .tif files)
                                                from the export bundle (export/)
     hcd submit [-m NOTE] [--dry-run]           validate results/submission.csv and upload it to Kaggle
+    hcd lr-find BACKBONE | --all               learning-rate range test: suggested lr, plot in lr-find/
     hcd score PREDICTIONS LABELS               AUC (95 % CI) of a submission (id,label) or a
                                                backbone's predictions (id,prob) against id,label
     hcd summary                                the last run: validation AUC (95 % CI) per backbone and
@@ -33,7 +34,7 @@ from hcd.errors import HcdError
 from hcd.stages import NAMES as STAGE_NAMES
 
 STAGE_MODULES = {name: f"hcd.stages.{name}" for name in STAGE_NAMES}
-TOOLS = {"infer": "hcd.tools.infer", "submit": "hcd.tools.submit"}  # commands around the pipeline
+TOOLS = {"infer": "hcd.tools.infer", "submit": "hcd.tools.submit", "lr-find": "hcd.tools.lrfind"}  # commands around the pipeline
 
 
 class Terminated(KeyboardInterrupt):

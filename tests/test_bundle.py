@@ -139,3 +139,81 @@ def test_hcd_infer_command_line(bundle, tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "hcd", "infer", str(bundle / "export"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "p.csv")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"hcd infer: error: {tmp_path / 'nowhere'}: not found"]
+
+
+def test_lr_finder_suggests_a_sane_lr_with_a_finite_curve(bundle, tmp_path):
+    """The range test on the hand-made arrays: a finite curve that starts at --start, a suggestion inside the sweep."""
+    from hcd.tools.lrfind import lr_find
+
+    root = tmp_path / "repo"
+    (root / "data/packed").mkdir(parents=True)
+    (root / "data/split").mkdir(parents=True)
+    (root / "data/stats").mkdir(parents=True)
+    shutil.copy(bundle / "x.npy", root / "data/packed/train_x.npy")
+    shutil.copy(bundle / "index.csv", root / "data/packed/train_index.csv")
+    shutil.copy(bundle / "split.csv", root / "data/split/split.csv")
+    shutil.copy(bundle / "stats.json", root / "data/stats/stats.json")
+    p = Params.model_validate({"backbones": ["cnn"], "train": {"batch_size": 8, "crop": 48}})
+    said: list[str] = []
+    out = lr_find("cnn", p, root, tmp_path / "lrf", [1e-4, 1e-2], 80, 1e-6, 1.0, log=said.append)
+    curve = pd.read_csv(tmp_path / "lrf/cnn.csv")
+    assert np.isfinite(curve[["lr", "loss", "smoothed"]].to_numpy()).all() and len(curve) >= 40
+    assert curve.groupby("weight_decay")["lr"].min().round(12).tolist() == [1e-6, 1e-6]
+    assert 1e-5 < out["suggested_lr"] < 1.0 and set(out["per_weight_decay"]) == {"0.0001", "0.01"}
+    assert (tmp_path / "lrf/cnn.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("dvc exp run -S lr=" in s for s in said)  # one backbone: the top-level lr
+
+
+class CentreOnly(torch.nn.Module):
+    """A hand-made classifier whose logit depends only on the centre third of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.mask = CentreMask()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask(torch.relu(self.conv(x))).mean((1, 2, 3))[:, None]
+
+
+class CentreMask(torch.nn.Module):
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros_like(f)
+        s = f.shape[-1] // 3
+        keep[..., s : 2 * s, s : 2 * s] = 1
+        return f * keep
+
+
+def test_grad_cam_maps_are_finite_input_sized_and_find_the_centre():
+    from hcd.model.cam import grad_cam, target_layer
+
+    model = CentreOnly()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.conv.weight.abs_()  # positive evidence wherever there is signal
+    x = torch.rand(5, 3, 48, 48)
+    assert target_layer(model, 48) is model.mask  # found from the model: the last spatial map
+    cams = grad_cam(model, x)
+    assert cams.shape == (5, 48, 48) and np.isfinite(cams).all()
+    centre = cams[:, 16:32, 16:32].sum() / cams.sum()
+    assert centre > 0.9  # the centre is 1/9 of the area
+
+
+def test_explain_grids_hold_the_patches_they_claim(bundle, tmp_path):
+    from hcd.stages.explain import explain
+    from hcd.stages.predict import predict
+
+    root = bundle
+    np.save(tmp_path / "test_x.npy", np.load(root / "x.npy")[:4])
+    pd.DataFrame({"row": range(4), "id": [f"t{i}" for i in range(4)]}).to_csv(tmp_path / "test_index.csv", index=False)
+    predict(root / "models/cnn", root / "x.npy", root / "index.csv", root / "split.csv", tmp_path / "test_x.npy", tmp_path / "test_index.csv", tmp_path / "pred", tta=2, batch_size=32, log=lambda m: None)
+    tiles = explain("cnn", root / "models/cnn", root / "x.npy", root / "index.csv", root / "split.csv", tmp_path / "pred/val.csv", tmp_path / "grids", tmp_path / "tiles.csv", 6, 0, log=lambda m: None)
+    val = pd.read_csv(tmp_path / "pred/val.csv", dtype={"id": str})
+    p = val["prob"].clip(1e-7, 1 - 1e-7)
+    val["loss"] = -(val["label"] * np.log(p) + (1 - val["label"]) * np.log(1 - p))
+    worst = tiles[tiles["grid"] == "most_wrong"]
+    assert set(worst["id"]) == set(val.nlargest(6, "loss")["id"])
+    confident = tiles[tiles["grid"] == "confident"]
+    assert ((confident["prob"] >= 0.5) == (confident["label"] == 1)).all()
+    assert sorted(f.name for f in (tmp_path / "grids").iterdir()) == ["confident.png", "most_wrong.png", "random.png"]
+    assert pd.read_csv(tmp_path / "tiles.csv", dtype={"id": str})["id"].tolist() == tiles["id"].tolist()

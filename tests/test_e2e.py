@@ -48,7 +48,7 @@ ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS":
 ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": SECRET}
 SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1")  # both backbones train at once
 LOGS: list[str] = []  # everything the engines printed, for the credentials test
-MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "ensemble", "metrics", "export"}
+MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "explain@cnn", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
 ALL_STAGES = {"check", "download", "scan", "split", "stats"} | MODEL_STAGES  # check reruns (cheaply) on any params.yaml edit
 
 
@@ -94,7 +94,7 @@ def digests(root: Path) -> dict[str, str]:
     """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded). The export
     manifest records the git revision it was built at, which differs between the two copies: it is
     compared without that one field."""
-    files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive", "export") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
+    files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive", "export", "explain", "report") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
     out = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
     manifest = root / "export/manifest.json"
     if manifest.exists():
@@ -139,7 +139,7 @@ def test_both_engines_run_every_stage_and_agree_byte_for_byte(engines):
     assert dvc_ran(dvc_log) == ALL_STAGES
     got = digests(dvc_root)
     assert got == digests(snake_root)
-    for must in ("results/submission.csv", "models/cnn/model.safetensors", "predictions/resnet10t/test.csv", "metrics/metrics.json", "plots/roc/ensemble.json", "dvclive/cnn/metrics.json", "export/manifest.json", "export/resnet10t/model.onnx"):
+    for must in ("results/submission.csv", "models/cnn/model.safetensors", "predictions/resnet10t/test.csv", "metrics/metrics.json", "plots/roc.json", "dvclive/cnn/metrics.json", "report/roc.png", "explain/cnn/grids/most_wrong.png", "export/manifest.json", "export/resnet10t/model.onnx"):
         assert must in got, must
 
 
@@ -195,7 +195,7 @@ def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     dvc_root, snake_root, _, _ = engines
     for root in (dvc_root, snake_root):
         set_params(root, predict={"tta": 4})
-    expected = {"check", "predict@cnn", "predict@resnet10t", "ensemble", "metrics", "export"}
+    expected = {"check", "predict@cnn", "predict@resnet10t", "explain@cnn", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
     assert snakemake_would_run(snake_root) == expected
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
     sh(snake_root, "snakemake", *SNAKE_PARALLEL)
@@ -222,7 +222,7 @@ def test_dvc_metrics_and_plots_read_the_outputs(engines, tmp_path):
     narrow = sh(dvc_root, "dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", "Experiment|lr$|[^.:/]*\\.auc$")  # the README's line
     assert "cnn.auc" in narrow and "ensemble.auc" in narrow and max(len(line) for line in narrow.splitlines()) <= 80
     plots = sh(dvc_root, "dvc", "plots", "show", "--json")
-    for name in ("plots/roc", "plots/confusion.json", "dvclive/cnn/plots/metrics"):
+    for name in ("plots/roc.json", "plots/confusion.json", "dvclive/cnn/plots/metrics", "report/training.png", "explain/cnn/grids/random.png"):
         assert name in plots, name
 
 

@@ -114,7 +114,7 @@ def test_fold_models_each_use_their_own_training_side_stats(folded):
     assert len({tuple(m["mean"]) for _, m in models}) == K  # three different training sides
     curves = json.loads((root / "live/metrics.json").read_text())
     assert set(curves) >= {"fold0", "fold1", "fold2", "fold2/best/epoch", "best/val_auc_mean"} and curves["fold2"]["val"]["auc"] > 0.5
-    assert (root / "live/plots/metrics/fold1/val/auc.tsv").read_text().splitlines()[1].split("\t")[0] == "0"  # each fold's curve starts at step 0
+    assert (root / "live/plots/metrics/fold1/val/auc.tsv").read_text().splitlines()[1].split("\t")[0] == "1"  # each fold's curve starts at epoch 1
     assert not list((root / "model").glob("checkpoint*"))
 
 

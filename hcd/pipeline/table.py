@@ -43,6 +43,8 @@ PREDICTIONS = "predictions"
 PLOTS = "plots"
 SUBMISSION = "results/submission.csv"
 EXPORT = "export"  # the ONNX bundle (hcd infer reads it)
+REPORT = "report"  # figures for people (snakemake --report, dvc plots show)
+REPORT_FIGURES = ("scan", "split", "training", "roc", "auc", "confusion")  # hcd.stages.report writes report/<name>.png
 EXPORT_PARAMS = ("seed", "lr", "backbones", "data", "scan", "split", "train", "models", "predict", "ensemble")  # recorded in its manifest
 ITEM = "{item}"  # the backbone, in per-backbone stages
 LOGS = "logs"  # Snakemake's per-job log files (git- and DVC-ignored)
@@ -70,6 +72,7 @@ class Stage:
     dirs: tuple[str, ...] = ()  # outputs that are folders
     threads: str | int = 1  # Snakemake threads ("all": the whole machine, one job at a time)
     resources: dict[str, int] = field(default_factory=dict)  # Snakemake resources (gpu=1)
+    report: tuple[tuple[str, str], ...] = ()  # (output, category): on `snakemake --report`'s page, captioned by workflow/report/<name>.rst
 
     @property
     def cmd(self) -> str:
@@ -103,7 +106,7 @@ class Stage:
         if self.metrics:
             d["metrics"] = [{sub(m): {"cache": False}} for m in self.metrics]
         if self.plots:
-            d["plots"] = [{sub(p): {"cache": False, **props}} for p, props in self.plots]
+            d["plots"] = [{sub(p): {"cache": False, **{k: sub(v) if isinstance(v, str) else v for k, v in props.items()}}} for p, props in self.plots]
         if self.per_backbone:
             return {"foreach": "${backbones}", "do": d}
         return d
@@ -177,7 +180,7 @@ STAGES: tuple[Stage, ...] = _gated((
         deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *_code(*TRAIN_CODE)),
         outs=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         metrics=(f"dvclive/{ITEM}/metrics.json",),
-        plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step"}),),
+        plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step", "x_label": "epoch", "title": f"{ITEM}: training curves (with folds, one per fold)"}),),
         params=("seed", "lr", "train", "models"),
         per_backbone=True,
         dirs=(f"dvclive/{ITEM}/plots/metrics",),
@@ -205,6 +208,7 @@ STAGES: tuple[Stage, ...] = _gated((
         params=("explain",),
         per_backbone=True,
         dirs=(f"explain/{ITEM}/grids",),
+        report=((f"explain/{ITEM}/grids", "Grad-CAM"),),
     ),
     Stage(
         name="ensemble",
@@ -226,6 +230,16 @@ STAGES: tuple[Stage, ...] = _gated((
         dirs=(PLOTS,),
     ),
     Stage(
+        name="report",
+        script="workflow/scripts/report.py",
+        args=("--scan", f"{METRICS}/scan.json", "--scan-report", f"{SCAN}/report.csv", "--raw", RAW, "--split", f"{METRICS}/split.json", "--models", "models", "--metrics", f"{METRICS}/metrics.json", "--plots", PLOTS, "--ensemble", "results/ensemble/val.csv", "--out", REPORT),
+        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", PLOTS, "results/ensemble/val.csv", *_code("stages/report", "data/source", "data/tiff")),
+        gather=(f"models/{ITEM}/model.json",),
+        plots=tuple((f"{REPORT}/{f}.png", {"cache": True}) for f in REPORT_FIGURES),  # images: `dvc plots show` puts them on its page
+        params=("backbones",),
+        report=tuple((f"{REPORT}/{f}.png", cat) for f, cat in zip(REPORT_FIGURES, ("Data", "Data", "Training", "Results", "Results", "Results"))),
+    ),
+    Stage(
         name="export",
         script="workflow/scripts/export.py",
         args=("--models", "models", "--ensemble", "results/ensemble/ensemble.json", "--out", EXPORT),
@@ -243,8 +257,9 @@ STAGES: tuple[Stage, ...] = _gated((
 # (in git, an ordinary output); best epochs are in each backbone's dvclive metrics.
 TOP_METRICS = (f"{METRICS}/summary.json",)
 TOP_PLOTS = (
-    {f"{PLOTS}/roc": {"x": "fpr", "y": "tpr", "template": "simple", "title": "ROC (validation)"}},
-    {f"{PLOTS}/prc": {"x": "recall", "y": "precision", "template": "simple", "title": "Precision-recall (validation)"}},
+    # one chart each, a line per backbone and the ensemble (the template colours by the records' `model`)
+    {f"{PLOTS}/roc.json": {"x": "fpr", "y": "tpr", "template": "workflow/plots/lines_by_model.json", "title": "ROC, held-out patches", "x_label": "false positive rate", "y_label": "true positive rate"}},
+    {f"{PLOTS}/prc.json": {"x": "recall", "y": "precision", "template": "workflow/plots/lines_by_model.json", "title": "Precision-recall, held-out patches", "x_label": "recall", "y_label": "precision"}},
     {f"{PLOTS}/confusion.json": {"x": "actual", "y": "predicted", "template": "confusion", "title": "Confusion at 0.5 (ensemble)"}},
 )
 

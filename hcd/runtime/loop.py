@@ -41,13 +41,15 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
 
-def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True) -> tuple[float, int]:
+def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True, on_step=None) -> tuple[float, int]:
     """One epoch (or ``max_steps`` steps) of the hot loop; returns (summed loss, patches seen).
 
     Per step: one gather from the packed array (or the GPU-resident copy), batched
     augmentation and normalisation on the device, autocast forward, backward, step.
     The loss is summed on the device and read back once per epoch; on a GPU the
     finite-loss check (a sync) runs every 50 steps only, on the CPU every step.
+    ``on_step(step, lr, loss)`` (the lr finder's hook; it syncs every step) runs before the
+    finite-loss check and stops the epoch when it returns False.
     """
     from tqdm import tqdm
 
@@ -67,6 +69,8 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
         with torch.autocast(t.device.type, dtype=dtype, enabled=dtype is not None):
             logit = t.fwd(xin).float()
         loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=t.pos_weight)
+        if on_step is not None and not on_step(step, t.opt.param_groups[0]["lr"], float(loss.detach())):
+            break
         if (t.device.type == "cpu" or step % 50 == 0) and not torch.isfinite(loss):
             raise HcdError(f"train {t.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {t.opt.param_groups[0]['lr']:.3g} — lower lr or check the data; model not written")
         t.opt.zero_grad(set_to_none=True)

@@ -96,7 +96,7 @@ def render(path: Path, title: str, patches: np.ndarray, maps: np.ndarray, tiles:
         ax.set_title(f"p {t['prob']:.3f}  y {int(t['label'])}\nloss {t['loss']:.2f}  {t['id'][:8]}", fontsize=8, color="#b00000" if wrong else "black")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80, metadata={"Software": None})
+    fig.savefig(path, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
 
 

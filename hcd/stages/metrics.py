@@ -58,8 +58,8 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
             out[name]["folds"] = fold_spread(y, p, frame["fold"].to_numpy())
         fpr, tpr, _ = roc_curve(y, p)
         prec, rec, _ = precision_recall_curve(y, p)
-        curves[f"roc/{name}.json"] = {"roc": _thin(pd.DataFrame({"fpr": fpr, "tpr": tpr})).to_dict("records")}
-        curves[f"prc/{name}.json"] = {"prc": _thin(pd.DataFrame({"recall": rec, "precision": prec})).to_dict("records")}
+        curves.setdefault("roc.json", {"roc": []})["roc"] += _thin(pd.DataFrame({"model": name, "fpr": fpr, "tpr": tpr})).assign(order=lambda f: range(len(f))).to_dict("records")
+        curves.setdefault("prc.json", {"prc": []})["prc"] += _thin(pd.DataFrame({"model": name, "recall": rec, "precision": prec})).assign(order=lambda f: range(len(f))).to_dict("records")
         if name == "ensemble":
             pred = (p >= 0.5).astype(int)
             curves["confusion.json"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}

@@ -183,8 +183,6 @@ def fit_fold(t: Trainer, inputs: Inputs, cfg: TrainParams, fold: int, folds: int
     already_done = prog.stopped or prog.start >= cfg.epochs
     log(f"train {name}: {len(inputs.train)} train / {len(inputs.val)} val patches, {t.device.type}, lr {t.opt.defaults['lr']:g}, {cfg.epochs} epochs, crop {cfg.crop}" + (f" -> {cfg.upscale}" if cfg.upscale else ""))
     t_start = time.perf_counter()
-    if folds > 1:
-        live.step = 0  # each fold's curves start at the first epoch
     for rec in prog.history:  # a resumed run rewrites the curves of the epochs before the kill
         _log_epoch(live, rec, tag)
     for epoch in range(prog.start, cfg.epochs):
@@ -280,6 +278,7 @@ def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: to
 
 
 def _log_epoch(live, rec: dict, tag: str = "") -> None:
+    live.step = rec["epoch"]  # the curves' x axis is the epoch, from 1 (each fold's from 1 again)
     live.log_metric(f"{tag}train/loss", rec["train_loss"])
     live.log_metric(f"{tag}val/loss", rec["val_loss"])
     live.log_metric(f"{tag}val/auc", rec["val_auc"])
