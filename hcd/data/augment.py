@@ -9,6 +9,7 @@ the TTA view generator.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,6 +67,14 @@ def crop_batch(x: torch.Tensor, crop: int, shift: torch.Tensor | None = None) ->
     return out.permute(0, 3, 1, 2)
 
 
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A CPU tensor (random draws, indices) on ``dev``: on CUDA through pinned memory, so the copy
+    is asynchronous — a pageable copy would make the host wait every step; on the CPU, itself."""
+    if dev.type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, crop: int, gen: torch.Generator) -> torch.Tensor:
     """Random training augmentation of a float batch in [0, 1], shape (B, 3, 96, 96) -> (B, 3, crop, crop).
 
@@ -75,10 +84,10 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, crop: int, gen: torch.Gen
     dev = x.device
 
     def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(dev)
+        return to_device(torch.rand(*shape, generator=gen) * (hi - lo) + lo, dev)
 
     if cfg.shift_px > 0 and crop < x.shape[-1]:
-        shift = torch.randint(-cfg.shift_px, cfg.shift_px + 1, (b, 2), generator=gen).to(dev)
+        shift = to_device(torch.randint(-cfg.shift_px, cfg.shift_px + 1, (b, 2), generator=gen), dev)
     else:
         shift = None
     if cfg.rotate_deg > 0:
@@ -92,7 +101,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, crop: int, gen: torch.Gen
         ks = torch.randint(0, 8, (b,), generator=gen)
         out = torch.empty_like(x)
         for k in range(8):  # 8 vectorised ops per batch, whatever its size
-            sel = (ks == k).nonzero().squeeze(1).to(dev)
+            sel = to_device((ks == k).nonzero().squeeze(1), dev)  # on the CPU: no sync
             if len(sel):
                 out[sel] = dihedral(x[sel], k)
         x = out
@@ -106,12 +115,17 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, crop: int, gen: torch.Gen
     return x.clamp_(0.0, 1.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _hed_matrices(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stain matrices on the device, copied once (not every batch)."""
+    return _HED_FROM_RGB.to(device, dtype), _RGB_FROM_HED.to(device, dtype)
+
+
 def hed_jitter(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Stain augmentation in optical-density space: each image's H, E, D concentrations are scaled and shifted."""
     eps = 1e-6
     od = -torch.log(x.clamp_min(eps))  # (B, 3, H, W)
-    m_in = _HED_FROM_RGB.to(x.device, x.dtype)
-    m_out = _RGB_FROM_HED.to(x.device, x.dtype)
+    m_in, m_out = _hed_matrices(str(x.device), x.dtype)
     hed = torch.einsum("bchw,cd->bdhw", od, m_in)
     hed = hed * scale[:, :, None, None] + bias[:, :, None, None]
     od2 = torch.einsum("bdhw,dc->bchw", hed, m_out)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hcd import env
-from hcd.data.augment import AugmentConfig, augment_batch, crop_batch
+from hcd.data.augment import AugmentConfig, augment_batch, crop_batch, to_device
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,10 +87,11 @@ class PackedBatches:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows ``idx`` (positions in this selection) as a uint8 (B, 96, 96, 3) tensor, and their labels."""
+    def gather(self, idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``idx`` (positions in this selection) as a uint8 (B, 96, 96, 3) tensor, and their labels.
+        GPU-resident data takes ``idx`` as a tensor on the GPU (``batches`` copies an epoch's order once)."""
         if self.mode == "device":
-            i = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+            i = idx if isinstance(idx, torch.Tensor) else torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
             return self.gpu[i], None if self.gpu_labels is None else self.gpu_labels[i]
         if self.mode == "host":
             batch = self.data[idx]
@@ -110,5 +111,10 @@ class PackedBatches:
         n = len(self)
         order = torch.randperm(n, generator=gen).numpy() if gen is not None else np.arange(n)
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        if self.mode == "device":  # the epoch's order goes to the GPU once; each batch is a slice of it there
+            order_t = to_device(torch.from_numpy(order), self.device)
+            for start in range(0, stop, batch_size):
+                yield self.gather(order_t[start : start + batch_size])
+            return
         for start in range(0, stop, batch_size):
             yield self.gather(order[start : start + batch_size])

@@ -10,8 +10,8 @@ Layout (``export/``)::
 Each ONNX graph takes normalised float32 NCHW patches (crop, upscale and mean/std
 applied: the manifest says how) and returns one logit per patch, with a dynamic
 batch axis. The exporter is torch's own (``torch.onnx.export(dynamo=True)``), checked
-with ``onnx.checker``; the bytes are deterministic, so both engines write the same
-bundle. A bundle is verified before use: a missing file or one whose sha256 differs
+with ``onnx.checker``; with the exporter's per-node stack traces (absolute paths of the
+checkout) dropped, the bytes are deterministic, so both engines write the same bundle. A bundle is verified before use: a missing file or one whose sha256 differs
 from the manifest is refused with one line.
 """
 
@@ -46,8 +46,21 @@ def export_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
         program = torch.onnx.export(
             model.eval(), (example,), input_names=["patches"], output_names=["logit"], dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False
         )
-    program.save(str(path))
+    proto = program.model_proto
+    _drop_stack_traces(proto)
+    onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _drop_stack_traces(proto) -> None:
+    """The exporter notes each node's Python stack trace, absolute source paths included: two checkouts
+    of the same commit would write different bytes. The traces go; the rest of the metadata stays."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for g in graphs:
+        for node in g.node:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def sha256(path: Path) -> str:

@@ -14,9 +14,15 @@ from hcd.data.batches import PackedBatches, Preprocess
 from hcd.runtime.device import autocast_dtype
 
 
-@torch.no_grad()
 def predict_probs(model: torch.nn.Module, source: PackedBatches, prep: Preprocess, device: torch.device, batch_size: int, n_views: int = 1) -> np.ndarray:
     """Mean probability over ``n_views`` dihedral views per patch; all views of a batch in one forward."""
+    out = probs_on_device(model, source, prep, device, batch_size, n_views)
+    return out.cpu().numpy() if out is not None else np.zeros(0, np.float32)  # the one read-back
+
+
+@torch.no_grad()
+def probs_on_device(model: torch.nn.Module, source: PackedBatches, prep: Preprocess, device: torch.device, batch_size: int, n_views: int = 1) -> torch.Tensor | None:
+    """:func:`predict_probs` without the read-back: no host-device synchronisation on a GPU (tests/test_gpu.py)."""
     model.eval()
     dtype = autocast_dtype(device)
     out = []
@@ -26,5 +32,5 @@ def predict_probs(model: torch.nn.Module, source: PackedBatches, prep: Preproces
         views = tta_views(x, n_views) if n_views > 1 else x  # (V*B, C, H, W): one forward for every view
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(views).float().view(n_views, b)
-        out.append(torch.sigmoid(logits).mean(0).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        out.append(torch.sigmoid(logits).mean(0))
+    return torch.cat(out) if out else None

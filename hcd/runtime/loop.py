@@ -46,11 +46,25 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
 
     Per step: one gather from the packed array (or the GPU-resident copy), batched
     augmentation and normalisation on the device, autocast forward, backward, step.
-    The loss is summed on the device and read back once per epoch; on a GPU the
-    finite-loss check (a sync) runs every 50 steps only, on the CPU every step.
+    On a GPU nothing in the loop waits for the device: the loss and a non-finite flag
+    are accumulated there and read back once, after the epoch (:func:`run_steps`);
+    on the CPU the loss is checked every step, so a NaN names its step.
     ``on_step(step, lr, loss)`` (the lr finder's hook; it syncs every step) runs before the
     finite-loss check and stops the epoch when it returns False.
     """
+    losses, seen, first_bad = run_steps(t, source, epoch, max_steps, progress, on_step)
+    total = float(losses)  # the epoch's one read-back
+    bad = int(first_bad)
+    if bad >= 0 or not math.isfinite(total):
+        at = f", step {bad + 1}" if bad >= 0 else ""
+        raise HcdError(f"train {t.name}: loss became non-finite during epoch {epoch + 1}{at} (lr {t.opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
+    return total, seen
+
+
+def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True, on_step=None) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The steps of one epoch without a host-device synchronisation on a GPU (tests/test_gpu.py runs it
+    under ``torch.cuda.set_sync_debug_mode("error")``): (summed loss, patches seen, first non-finite step or -1),
+    the tensors still on the device."""
     from tqdm import tqdm
 
     dtype = autocast_dtype(t.device)
@@ -59,6 +73,7 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
     if max_steps is not None:
         n_steps = min(n_steps, max_steps)
     losses = torch.zeros((), device=t.device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=t.device, dtype=torch.int64)
     seen = 0
     bar = tqdm(total=n_steps * t.batch_size, unit="patch", unit_scale=True, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress else True)
     for step, (xb, yb) in enumerate(source.batches(t.batch_size, t.gen_order, drop_last=True)):
@@ -71,8 +86,11 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
         loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=t.pos_weight)
         if on_step is not None and not on_step(step, t.opt.param_groups[0]["lr"], float(loss.detach())):
             break
-        if (t.device.type == "cpu" or step % 50 == 0) and not torch.isfinite(loss):
-            raise HcdError(f"train {t.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {t.opt.param_groups[0]['lr']:.3g} — lower lr or check the data; model not written")
+        if t.device.type == "cpu":
+            if not torch.isfinite(loss):
+                raise HcdError(f"train {t.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {t.opt.param_groups[0]['lr']:.3g} — lower lr or check the data; model not written")
+        else:  # recorded on the device, read after the epoch
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.opt)
@@ -82,7 +100,4 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
         seen += len(y)
         bar.update(len(y))
     bar.close()
-    total = float(losses)
-    if not math.isfinite(total):
-        raise HcdError(f"train {t.name}: loss became non-finite during epoch {epoch + 1} (lr {t.opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
-    return total, seen
+    return losses, seen, first_bad
