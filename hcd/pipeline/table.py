@@ -140,7 +140,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="download",
         script="workflow/scripts/download.py",
         args=("--out", RAW),
-        deps=_code("stages/download", "data/synth", "data/source", "data/tiff", "env", "redact"),
+        deps=_code("stages/download", "data/synth", "data/source", "data/tiff", "env", "redact", "kaggleapi"),
         outs=(RAW,),
         params=("data",),
 

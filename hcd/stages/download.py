@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import shutil
 import sys
@@ -31,9 +30,9 @@ from pathlib import Path
 from hcd.atomic import atomic_path, clean_stale_temps
 from hcd.data.source import DirSource, ZipSource
 from hcd.errors import HcdError
+from hcd.kaggleapi import authenticated_api, request_error, require_credentials
 from hcd.pipeline.params import DataParams, load_params
 
-KAGGLE_RULES = "https://www.kaggle.com/competitions/{c}/rules"
 KAGGLE_TMP_PREFIX = ".kaggle-download-"  # the client's scratch folder beside the output; removed on every start
 _FIXED_DATE = (2019, 1, 1, 0, 0, 0)
 
@@ -72,12 +71,6 @@ def from_dir(path: str, dest: Path) -> None:
                 shutil.copyfileobj(fh, out, 1 << 20)
 
 
-def _has_kaggle_credentials() -> bool:
-    cfg = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    env = os.environ
-    return bool(env.get("KAGGLE_API_TOKEN") or (env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY")) or (cfg / "kaggle.json").is_file() or (cfg / "access_token").is_file())
-
-
 def from_kaggle(competition: str, dest: Path) -> None:
     """Download the competition archive with the official client.
 
@@ -85,8 +78,7 @@ def from_kaggle(competition: str, dest: Path) -> None:
     debug logging its request headers — passes through :func:`hcd.redact.redacted_output`,
     so no credential reaches the terminal or a log, whatever the environment.
     """
-    if not _has_kaggle_credentials():
-        raise HcdError("kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN")
+    require_credentials()
     from hcd.redact import Redactor, kaggle_secrets, redacted_output
 
     with redacted_output(Redactor(kaggle_secrets())):
@@ -94,29 +86,14 @@ def from_kaggle(competition: str, dest: Path) -> None:
 
 
 def _kaggle_download(competition: str, dest: Path) -> None:
-    quiet = io.StringIO()
-    try:  # the client prints help and calls exit() when authentication fails: keep it quiet
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
-    except (SystemExit, Exception):
-        raise HcdError("kaggle: the credentials in ~/.kaggle or the environment were not accepted — create a new token at https://www.kaggle.com/settings/api") from None
+    api = authenticated_api()
     tmpdir = Path(tempfile.mkdtemp(prefix=KAGGLE_TMP_PREFIX, dir=dest.parent))
     try:
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 api.competition_download_files(competition, path=str(tmpdir), force=True, quiet=False)
         except (SystemExit, Exception) as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status", None)
-            if status == 403:
-                raise HcdError(f"kaggle: access to {competition!r} refused — accept the competition rules at {KAGGLE_RULES.format(c=competition)} with the account of your token") from None
-            if status == 401:
-                raise HcdError("kaggle: the token was rejected (401) — create a new one at https://www.kaggle.com/settings/api") from None
-            if status == 404:
-                raise HcdError(f"kaggle: competition {competition!r} not found (check data.competition in params.yaml)") from None
-            raise HcdError(f"kaggle: download of {competition!r} failed ({type(exc).__name__}{f', HTTP {status}' if status else ''}); check the network and retry") from None
+            raise request_error(exc, competition, "download of") from None
         got = sorted(tmpdir.glob("*.zip"))
         if len(got) != 1:
             raise HcdError(f"kaggle: expected one zip archive from the download, found {len(got)}")

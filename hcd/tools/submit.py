@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from hcd.errors import HcdError
+from hcd.kaggleapi import authenticated_api, request_error, require_credentials
 from hcd.pipeline.params import load_params
-from hcd.stages.download import KAGGLE_RULES, _has_kaggle_credentials
 from hcd.stages.ensemble import validate_submission
 from hcd.stages.export import git_revision
 
@@ -49,8 +48,7 @@ def check_submission(path: Path, test_index: Path) -> int:
 
 def submit(path: Path, competition: str, text: str, log=print) -> str:
     """Upload with the official client; its response message."""
-    if not _has_kaggle_credentials():
-        raise HcdError("kaggle: no credentials — create a token at https://www.kaggle.com/settings/api and save it as ~/.kaggle/kaggle.json (chmod 600) or set KAGGLE_API_TOKEN")
+    require_credentials()
     from hcd.redact import Redactor, kaggle_secrets, redacted_output
 
     with redacted_output(Redactor(kaggle_secrets())):
@@ -58,27 +56,12 @@ def submit(path: Path, competition: str, text: str, log=print) -> str:
 
 
 def _upload(path: Path, competition: str, text: str) -> str:
-    quiet = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
-    except (SystemExit, Exception):
-        raise HcdError("kaggle: the credentials in ~/.kaggle or the environment were not accepted — create a new token at https://www.kaggle.com/settings/api") from None
+    api = authenticated_api()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             response = api.competition_submit(str(path), text, competition, quiet=True)
     except (SystemExit, Exception) as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status", None)
-        if status == 403:
-            raise HcdError(f"kaggle: submission to {competition!r} refused — accept the competition rules at {KAGGLE_RULES.format(c=competition)} with the account of your token") from None
-        if status == 401:
-            raise HcdError("kaggle: the token was rejected (401) — create a new one at https://www.kaggle.com/settings/api") from None
-        if status == 404:
-            raise HcdError(f"kaggle: competition {competition!r} not found (check data.competition in params.yaml)") from None
-        raise HcdError(f"kaggle: submission to {competition!r} failed ({type(exc).__name__}{f', HTTP {status}' if status else ''}); check the network and retry") from None
+        raise request_error(exc, competition, "submission to") from None
     said = str(getattr(response, "message", "") or "")
     if said == getattr(api, "COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE", None):
         raise HcdError(f"kaggle: the upload of {path} did not complete; retry")

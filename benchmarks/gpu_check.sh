@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU issue's measurements in one go, for the first session that is lent a GPU (device tool:
+# one call of at most 10 minutes). Prepare here first:  bash benchmarks/gpu_check.sh --wheels
+# (downloads, on this machine, the wheels the GPU image lacks into .whl/, git-ignored), then run there:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#
+# 1. tests: the CUDA tests (tests/test_gpu.py: hot loop and TTA under sync-debug "error";
+#    tests/test_data_paths.py: GPU-resident = host = memory-mapped batches), then the unit suite
+#    without the engine tests (DVC and Snakemake are not installed there);           ~2 min
+# 2. benchmarks/bench_speed.py on the GPU: resnet18, efficientnet_b0, densenet169, seresnet50,
+#    hcd loop / bare step and TTA x8 / bare forward, patches/s, peak GPU memory;     ~3 min
+# 3. configs/gpu-speedrun.yaml on a generated dataset (HCD_GPU_N_TRAIN patches, default 100,000)
+#    stage by stage through `hcd <stage>` in the table's order, each stage timed;     ~4 min
+# Figures: benchmarks/results.json (bench_speed) and $OUT/gpu_check.json (stage times, AUCs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--wheels" ]]; then  # here, not there: the GPU machine reaches no network
+    mkdir -p .whl
+    grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+    for pkg in pydantic pydantic-core annotated-types typing-inspection dvclive isal ruamel.yaml kaggle grad-cam ttach opencv-python-headless; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl "$pkg" \
+            || python3 -m pip download -q --no-deps --python-version 3.12 -d .whl "$pkg"
+    done
+    ls .whl
+    exit 0
+fi
+
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT" benchmarks/out
+export PYTHONPATH=$PWD HCD_WORKERS=${HCD_WORKERS:-16} DVC_NO_ANALYTICS=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+if [[ -d .whl ]]; then python3 -m pip install -q --no-index --no-deps --find-links .whl .whl/* 2>&1 | tail -2 || true; fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/torch.txt"
+
+start=$(date +%s)
+echo "== 1. tests"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
+
+echo "== 2. bench_speed"
+timeout 200 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
+cp benchmarks/results.json "$OUT/results.json" 2>/dev/null || true
+
+echo "== 3. gpu-speedrun on generated data"
+work=$(mktemp -d)
+git ls-files -z | xargs -0 -I{} cp --parents {} "$work/" 2>/dev/null
+cd "$work"
+python3 -m hcd params apply configs/gpu-speedrun.yaml >/dev/null
+python3 - <<'PY'
+import os, yaml
+p = yaml.safe_load(open("params.yaml"))
+n = int(os.environ.get("HCD_GPU_N_TRAIN", "100000"))
+p["data"] = {**p["data"], "source": "demo", "demo": {**p["data"]["demo"], "n_train": n, "n_test": n // 4, "n_slides": max(60, n // 110)}}
+p["split"]["groups"] = "data/groups/demo_slides.csv"
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+PY
+python3 -m hcd demo-truth data/groups
+python3 - "$OLDPWD/$OUT/gpu_check.json" <<'PY'
+import json, subprocess, sys, time
+from hcd.pipeline.params import load_params
+from hcd.pipeline.table import STAGES, ITEM
+times, backbones = {}, load_params("params.yaml").backbones
+for s in STAGES:
+    for b in (backbones if s.per_backbone else [None]):
+        cmd = (s.cmd.replace(ITEM, b) if b else s.cmd).replace("python ", sys.executable + " ", 1)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=400)
+        times[f"{s.name}@{b}" if b else s.name] = round(time.perf_counter() - t0, 1)
+        print(f"{s.name}{'@' + b if b else ''}: {times[list(times)[-1]]} s", proc.stderr.strip().splitlines()[-1:] if proc.stderr else "", flush=True)
+        if proc.returncode:
+            print(proc.stderr[-2000:]); break
+    else:
+        continue
+    break
+m = json.load(open("metrics/metrics.json")) if __import__("os").path.exists("metrics/metrics.json") else {}
+out = {"stage_seconds": times, "total_seconds": round(sum(times.values()), 1), "oof_auc": {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}}
+json.dump(out, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(out, indent=2))
+PY
+echo "gpu_check: $(( $(date +%s) - start )) s"
