@@ -23,7 +23,7 @@ sys.path.insert(0, workflow.basedir)
 
 from hcd.errors import HcdError
 from hcd.pipeline.params import load_params
-from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, snakemake_command, snakemake_inputs, snakemake_params, wildcard
+from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, report_annotations, snakemake_command, snakemake_inputs, snakemake_params, wildcard
 
 try:
     PARAMS = load_params("params.yaml")
@@ -35,26 +35,19 @@ BACKBONES = PARAMS.backbones
 
 
 def outputs(name):
-    """The stage's outputs; folders marked directory(), and those the table puts on the report page
-    wrapped in report() with their caption (workflow/report/<stage or figure>.rst) and category."""
+    # Outputs of a stage: folders marked directory(), and those the table puts on the report
+    # page wrapped in report() with their caption and category (hcd.pipeline.table.report_annotations).
     stage = S[name]
-    on_page = dict(stage.report)
+    notes = report_annotations(stage)
     out = []
     for o in stage.outputs:
         path = directory(wildcard(o)) if o in stage.dirs else wildcard(o)
-        if o in on_page:
-            caption = f"workflow/report/{name if o in stage.dirs else o.rsplit('/', 1)[-1].split('.')[0]}.rst"
-            extra = {"patterns": ["{name}.png"], "subcategory": "{backbone}"} if o in stage.dirs else {}
-            path = report(path, caption=caption, category=on_page[o], **extra)
-        out.append(path)
+        out.append(report(path, **notes[o]) if o in notes else path)
     return out
 
 
 def threads(name):
     return workflow.cores if S[name].threads == "all" else S[name].threads
-
-
-report: "workflow/report/workflow.rst"  # `snakemake --report report.html`: the figures of report/ and explain/
 
 
 wildcard_constraints:
@@ -92,3 +85,7 @@ for _stage in STAGES:
             **_stage.resources,
         shell:
             "{params.hcd_cmd}" + SNAKEMAKE_LOG_SUFFIX
+
+
+# `snakemake --report report.html`: the figures of report/ and explain/ on one page
+report: "workflow/report/workflow.rst"

@@ -14,7 +14,6 @@ difference between infer's labels and results/submission.csv.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -264,6 +264,19 @@ TOP_PLOTS = (
 )
 
 
+def report_annotations(stage: Stage) -> dict[str, dict[str, Any]]:
+    """Snakemake ``report()`` arguments of the stage's outputs that go on ``snakemake --report``'s page:
+    caption ``workflow/report/<figure>.rst`` (a folder of images: ``<stage>.rst``, one entry per image,
+    under the backbone as subcategory) and category."""
+    notes: dict[str, dict[str, Any]] = {}
+    for out, category in stage.report:
+        if out in stage.dirs:
+            notes[out] = {"caption": f"workflow/report/{stage.name}.rst", "category": category, "patterns": ["{name}.png"], "subcategory": "{backbone}"}
+        else:
+            notes[out] = {"caption": f"workflow/report/{Path(out).stem}.rst", "category": category}
+    return notes
+
+
 def final_outputs(backbones: list[str], stages: tuple[Stage, ...] = STAGES) -> list[str]:
     """Every stage's outputs, per-backbone ones for each backbone: the Snakemake ``all`` target
     (a per-backbone stage nothing else reads, such as explain, runs because ``all`` asks for it)."""
