@@ -119,10 +119,12 @@ def real(work: Path, archive: Path, labels: Path, folds: int | None = None) -> d
     train_s = round(sum(v for k, v in stages.items() if k.startswith("train@")), 1)
     best_single = max(v for k, v in test_auc.items() if k != "ensemble")
     held = json.loads((root / "metrics/metrics.json").read_text())
+    infer_diff = infer_check(root, archive)
     out = {
         "pipeline_seconds": total,
         "train_seconds": train_s,
         "held_out_auc": {k: round(held[k]["auc"], 4) for k in test_auc},  # validation side, or out-of-fold with folds
+        "hcd_infer_max_abs_diff_vs_submission": infer_diff,
         "stage_seconds": stages,
         "hcd_score": score,
         "test_auc": test_auc,
@@ -136,6 +138,26 @@ def real(work: Path, archive: Path, labels: Path, folds: int | None = None) -> d
     print(f"real: hcd score results/submission.csv labels -> {score}")
     print(f"real: test AUC per backbone and ensemble {test_auc} (target >= 0.85, ensemble >= best single {best_single})")
     return out
+
+
+def infer_check(root: Path, archive: Path) -> float:
+    """`hcd infer` from the run's export bundle on the archive's test/ patches, extracted to a folder
+    as a user would: the largest difference from the run's results/submission.csv."""
+    import zipfile
+
+    folder = root / "real-test"
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if name.startswith("test/") and name.endswith(".tif"):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(zf.read(name))
+    subprocess.run([sys.executable, "-m", "hcd", "infer", "export", str(folder / "test"), "--out", "infer.csv"], cwd=root, env=ENV, check=True, capture_output=True)
+    got = pd.read_csv(root / "infer.csv", dtype={"id": str}, keep_default_na=False)
+    sub = pd.read_csv(root / "results/submission.csv", dtype={"id": str}).merge(got, on="id", suffixes=("", "_infer"))
+    assert len(sub) == len(got), "hcd infer predicted other ids than the submission's"
+    diff = float((sub["label"] - pd.to_numeric(sub["label_infer"])).abs().max())
+    print(f"real: hcd infer export {folder / 'test'} -> {len(got)} rows; max |diff| from results/submission.csv {diff:.2e}")
+    return diff
 
 
 def main() -> None:
