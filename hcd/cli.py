@@ -2,7 +2,7 @@
 
 Usage ("hcd COMMAND --help" for the options of a command):
 
-    hcd check | download | scan | split | stats | train | predict | explain | ensemble | metrics | export ...
+    hcd check | download | scan | split | stats | train | predict | explain | ensemble | metrics | report | export ...
                                                one stage, as the engines run it
     hcd infer BUNDLE INPUT... --out CSV        predict new patches (folders, zips, .tif files)
                                                from the export bundle (export/)

@@ -51,8 +51,9 @@ class ModelMeta(BaseModel):
     @model_validator(mode="after")
     def _one_or_folds(self) -> "ModelMeta":
         if self.fold_models is None:
-            if None in (self.mean, self.std, self.best_epoch):
-                raise ValueError("mean: mean, std and best_epoch are required (or folds and fold_models)")
+            for key in ("mean", "std", "best_epoch"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key}: Field required (a single model's file; a k-fold one has folds and fold_models)")
         elif self.folds != len(self.fold_models):
             raise ValueError(f"folds: {self.folds} does not match the {len(self.fold_models)} entries of fold_models")
         return self
