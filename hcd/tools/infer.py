@@ -99,24 +99,28 @@ class Models:
         self.runs: list[tuple[Callable[[torch.Tensor], torch.Tensor], Preprocess]] = []
         self.owner: list[str] = []  # the backbone of each model
         for b in manifest["backbones"]:
+            torch_models = self._torch_models(bundle, b) if runtime == "torch" else None  # every fold's, loaded once
             for m in b["models"]:
                 prep = Preprocess(b["crop"], b["upscale"], tuple(m["mean"]), tuple(m["std"]))
-                self.runs.append((self._runner(bundle, b, m, runtime), prep))
+                self.runs.append((self._runner(bundle, m, torch_models), prep))
                 self.owner.append(b["name"])
 
     @staticmethod
-    def _runner(bundle: Path, b: dict, m: dict, runtime: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        if runtime == "onnx":
+    def _torch_models(bundle: Path, b: dict) -> list[torch.nn.Module]:
+        from hcd.model.weights import load_models
+
+        return [model for model, _ in load_models(bundle / b["name"], torch.device("cpu"))[0]]
+
+    @staticmethod
+    def _runner(bundle: Path, m: dict, torch_models: list[torch.nn.Module] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        if torch_models is None:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()
             sess = ort.InferenceSession(str(bundle / m["file"]), opts, providers=["CPUExecutionProvider"])
             return lambda x: torch.from_numpy(sess.run(None, {"patches": x.numpy()})[0])
-        from hcd.model.weights import load_models
-
-        models, _ = load_models(bundle / b["name"], torch.device("cpu"))
-        model = models[m["fold"] or 0][0]
+        model = torch_models[m["fold"] or 0]
         return lambda x: model(x)
 
     @torch.no_grad()
