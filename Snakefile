@@ -12,9 +12,11 @@
 # pip into one environment (pyproject.toml), the same for every rule, so none is declared.
 # Each rule's output also goes to logs/<stage>[/<backbone>].log.
 #
-# Per-backbone rules (train, predict) use the {backbone} wildcard over
+# Per-backbone rules (train, predict, explain) use the {backbone} wildcard over
 # params.yaml's `backbones`; they ask for resources gpu=1, so
-# `snakemake --cores all --resources gpu=1` runs one at a time on one GPU.
+# `snakemake --cores all --resources gpu=1` runs one at a time on one GPU, and
+# `--resources gpu=4` four at once, each on a GPU of its own (each job claims a
+# free one before CUDA starts: hcd.runtime.gpuslots).
 
 import re
 import sys

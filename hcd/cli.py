@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 
 from hcd.errors import HcdError
+from hcd.stages import GPU_STAGES
 from hcd.stages import NAMES as STAGE_NAMES
 
 STAGE_MODULES = {name: f"hcd.stages.{name}" for name in STAGE_NAMES}
@@ -50,7 +51,8 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
 
     SIGTERM is handled like SIGINT: the stage unwinds, every temporary it was
     writing is removed and earlier outputs stay as they were (exit 143). Each
-    start also sweeps temporaries left by killed processes (:func:`hcd.atomic.sweep_dead_temps`).
+    start also sweeps temporaries left by killed processes (:func:`hcd.atomic.sweep_dead_temps`),
+    and a GPU stage claims a GPU no other job holds (:mod:`hcd.runtime.gpuslots`).
     """
     from hcd.atomic import public_name, replay_journals, sweep_dead_temps
 
@@ -64,6 +66,10 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
             claim(name)  # one runner (dvc or snakemake) per checkout at a time
             replay_journals()  # a commit killed among its renames is finished first...
             sweep_dead_temps()  # ...then temporaries of killed processes go
+            if name in GPU_STAGES:
+                from hcd.runtime import gpuslots
+
+                gpuslots.claim(1, name)  # a GPU of its own when several jobs run at once; nothing with one GPU or none
         fn(argv)
     except HcdError as err:
         print(f"hcd {name}: error: {err}", file=sys.stderr)

@@ -46,7 +46,8 @@ KAGGLE_DIR = Path(tempfile.mkdtemp(prefix="hcd-kaggle-"))
 os.chmod(KAGGLE_DIR / "kaggle.json", 0o600)
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": SECRET}
-SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1")  # both backbones train at once
+ENV |= {"HCD_GPUS": "0,1", "HCD_GPU_LOCK_DIR": tempfile.mkdtemp(prefix="hcd-gpus-")}  # two fake GPU slots: concurrent jobs must take distinct ones
+SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1", "--resources", "gpu=2")  # both backbones train at once
 LOGS: list[str] = []  # everything the engines printed, for the credentials test
 MODEL_STAGES = {"train@cnn", "train@resnet10t", "predict@cnn", "predict@resnet10t", "explain@cnn", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
 ALL_STAGES = {"check", "download", "scan", "split", "stats"} | MODEL_STAGES  # check reruns (cheaply) on any params.yaml edit
@@ -232,6 +233,8 @@ def test_snakemake_trained_both_backbones_at_once_and_matched_dvc(engines):
     finished = re.search(r"^Finished jobid: \d+ \(Rule: train\)", snake_log, re.M)
     assert len(started) == 2 and finished, snake_log[-3000:]
     assert started[1] < finished.start(), "the second training started only after the first had finished"
+    slots = re.findall(r"^hcd train: GPU slot (\S+) of 0,1 ", snake_log, re.M)
+    assert sorted(slots) == ["0", "1"], f"two trainings at once must hold distinct GPU slots, got {slots}"
     # outputs equal DVC's sequential run: test_both_engines_run_every_stage_and_agree_byte_for_byte
 
 

@@ -209,6 +209,7 @@ STAGES: tuple[Stage, ...] = _gated((
         per_backbone=True,
         dirs=(f"explain/{ITEM}/grids",),
         report=((f"explain/{ITEM}/grids", "Grad-CAM"),),
+        resources={"gpu": 1},
     ),
     Stage(
         name="ensemble",
