@@ -25,7 +25,7 @@ sys.path.insert(0, workflow.basedir)
 
 from hcd.errors import HcdError
 from hcd.pipeline.params import load_params
-from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, report_annotations, snakemake_command, snakemake_inputs, snakemake_params, wildcard
+from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, report_annotations, snakemake_command, snakemake_inputs, snakemake_mem_mb, snakemake_params, wildcard
 
 try:
     PARAMS = load_params("params.yaml")
@@ -84,6 +84,7 @@ for _stage in STAGES:
             wildcard(_stage.log),
         threads: threads(_stage.name)
         resources:
+            mem_mb=snakemake_mem_mb(_stage),
             **_stage.resources,
         shell:
             "{params.hcd_cmd}" + SNAKEMAKE_LOG_SUFFIX

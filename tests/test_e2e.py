@@ -321,6 +321,62 @@ def test_three_folds_grouped_by_slide_through_both_engines(engines):
     assert "train@cnn" in status and "split:" not in status and "stats:" not in status
 
 
+SLURM_SCRIPT = REPO / "tests/cluster/slurm.sh"
+# profiles/slurm as a user runs it, plus what this one-node test cluster needs: its partition, no account
+# (no accounting database), squeue for job states (sacct needs slurmdbd), threads for a 2-CPU node, and
+# status checks from the first second (the plugin waits 40 s by default).
+SLURM_RUN = ("snakemake", "--workflow-profile", "profiles/slurm", "--default-resources", "slurm_partition=debug", "runtime=30", "--set-threads", "download=1", "scan=2", "train=1", "predict=1", "explain=1", "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4")
+
+
+def slurm_or_skip() -> None:
+    """Start the one-node SLURM of tests/cluster/slurm.sh (installs it as root when missing); skip with its reason otherwise."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.skip(f"SLURM could not be started here: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def squeue(*fmt: str) -> list[list[str]]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", " ".join(fmt)], capture_output=True, text=True, check=True).stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def test_slurm_runs_every_job_through_sbatch_survives_scancel_and_matches(engines, tmp_path):
+    """The tiny pipeline through profiles/slurm on a real one-node SLURM: every rule is a SLURM job, one
+    training is scancel'd mid-run and resubmitted by Snakemake (resuming from its checkpoint), and the
+    outputs equal the local run's byte for byte. A bad partition fails at sbatch with SLURM's reason."""
+    slurm_or_skip()
+    assert BASELINE
+    root = repo_copy(tmp_path / "slurm")
+    proc = subprocess.Popen(SLURM_RUN, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline and not list(root.glob("models/cnn/checkpoint.pt")):
+        time.sleep(0.2)
+    jobs = {comment: (jobid, name) for jobid, name, state, comment in squeue("%i", "%j", "%T", "%k") if state == "RUNNING"}
+    assert "rule_train_wildcards_cnn" in jobs, f"no running training job to cancel: {jobs}"
+    jobid, run_id = jobs["rule_train_wildcards_cnn"]
+    subprocess.run(["scancel", jobid], check=True)
+    log = proc.communicate(timeout=1200)[0]
+    LOGS.append(log)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"SLURM-job '{jobid}' failed, SLURM status is: 'CANCELLED'" in log and "rule_train/cnn/" in log  # the rule, the reason, the log path
+    assert "resuming after epoch 1" in (root / "logs/train/cnn.log").read_text(), "the resubmitted training started over"
+    assert digests(root) == BASELINE
+    assert snakemake_would_run(root) == set()
+    ours = [row for row in squeue("%i", "%j", "%T", "%k") if row[1] == run_id]
+    rules = {row[3].removeprefix("rule_").split("_wildcards_")[0] for row in ours}
+    assert rules == {stage.split("@")[0] for stage in ALL_STAGES}, rules  # every rule went through sbatch
+    assert [row[2] for row in ours].count("CANCELLED") == 1 and len(ours) == len(ALL_STAGES) + 1  # one job per stage, plus the resubmission
+    completed = subprocess.run(["sacct", "--completion", "-n", "-P", "-o", "JobID,JobName,State"], capture_output=True, text=True).stdout
+    assert sum(f"|{run_id}|COMPLETED" in line for line in completed.splitlines()) == len(ours) - 1  # sacct lists them too
+
+    bad = repo_copy(tmp_path / "bad-partition")
+    out = sh(bad, *SLURM_RUN, "--default-resources", "slurm_partition=nope", "runtime=30", "data/check/params.json", ok=False)
+    assert "invalid partition" in out.lower() and "check" in out, out[-2000:]
+    assert not (bad / "data/check/params.json").exists()
+
+
 def test_kaggle_credentials_appear_nowhere_a_run_wrote_or_printed(engines, tmp_path):
     """Runs last: greps both engines' copies after every test above ran in them, plus a failing Kaggle download."""
     dvc_root, snake_root, _, _ = engines

@@ -673,6 +673,31 @@ def test_a_second_engine_in_one_checkout_is_refused_with_one_line(tmp_path):
     assert json.loads((ws / ".hcd/runner.json").read_text())["kind"] == "dvc"
 
 
+def test_the_jobs_of_a_cluster_workflow_share_the_checkout_but_block_dvc(tmp_path):
+    """Under the SLURM executor each job runs under a Snakemake of its own (`--mode remote`): those share the checkout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    write_params(ws / "params.yaml", {"backbones": ["cnn"]})
+    job = _fake_engine(bin_dir, "snakemake")
+    stage = [sys.executable, "-c", "import sys, time; from hcd.cli import run_stage; run_stage(lambda a: time.sleep(float(a[0])), 'check', sys.argv[1:])"]
+    remote = ["--mode", "remote"]  # the fake engine ignores words it does not run: they sit after the stage's own
+    first = subprocess.Popen([str(job), *stage, "20", *remote], cwd=ws, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (ws / ".hcd/runner.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads((ws / ".hcd/runner.json").read_text())["kind"] == "snakemake-job"
+        other_job = subprocess.run([str(job), *stage, "0", *remote], cwd=ws, env=ENV, capture_output=True, text=True)
+        assert other_job.returncode == 0, other_job.stderr
+        dvc = subprocess.run([str(_fake_engine(bin_dir, "dvc")), *stage, "0"], cwd=ws, env=ENV, capture_output=True, text=True)
+        assert dvc.returncode == 2 and "another run holds this checkout: snakemake-job" in dvc.stderr, dvc.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_stages_of_one_runner_share_the_checkout(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

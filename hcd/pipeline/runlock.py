@@ -12,7 +12,8 @@ of one runner (Snakemake's parallel jobs) share the claim; a claim whose process
 has ended, or whose pid now belongs to another process (start times differ),
 is simply taken over, so a ``kill -9`` leaves nothing to clean up. Stages run by
 hand (``hcd train cnn`` in two terminals) may run beside each other, not beside
-an engine. Claims are
+an engine, and so may the jobs of a cluster workflow (each runs under a Snakemake
+of its own, ``--mode remote``, started by the SLURM executor). Claims are
 per host: cluster jobs on other nodes (SLURM) do not see each other's pids.
 """
 
@@ -30,6 +31,7 @@ from hcd.errors import HcdError
 
 LOCK_DIR = Path(".hcd")
 ENGINES = ("dvc", "snakemake")
+SHARED_KINDS = ("hcd", "snakemake-job")  # runners whose stages may share a checkout with others of their kind
 
 
 def _engine_of(cmdline: list[str]) -> str | None:
@@ -41,6 +43,11 @@ def _engine_of(cmdline: list[str]) -> str | None:
     return None
 
 
+def _cluster_job(cmdline: list[str]) -> bool:
+    """A Snakemake started by a cluster executor to run one job (``--mode remote``), not the workflow's own."""
+    return any(a == "--mode" and b == "remote" for a, b in zip(cmdline, cmdline[1:]))
+
+
 def current_runner() -> dict:
     """The engine process that started this one, or this process when none did."""
     import psutil
@@ -48,9 +55,10 @@ def current_runner() -> dict:
     me = psutil.Process()
     for proc in me.parents():
         with suppress(psutil.Error):
-            engine = _engine_of(proc.cmdline())
+            cmdline = proc.cmdline()
+            engine = _engine_of(cmdline)
             if engine:
-                return _describe(proc, engine)
+                return _describe(proc, "snakemake-job" if engine == "snakemake" and _cluster_job(cmdline) else engine)
     return _describe(me, "hcd")
 
 
@@ -86,11 +94,13 @@ def claim(stage: str, root: Path = Path(".")) -> None:
         except (OSError, ValueError):
             held = None
         same = held is not None and all(held.get(k) == me[k] for k in ("pid", "started", "host"))
-        both_by_hand = held is not None and held.get("kind") == me["kind"] == "hcd"  # stages run by hand may run side by side
-        if held is not None and not same and not both_by_hand and _alive(held):
+        # stages run by hand may run side by side, and so may the jobs of a cluster workflow (SLURM): each job
+        # has a Snakemake of its own, started by the executor on the node, and the workflow's runs on the login node
+        side_by_side = held is not None and held.get("kind") == me["kind"] and me["kind"] in SHARED_KINDS
+        if held is not None and not same and not side_by_side and _alive(held):
             since = time.strftime("%H:%M:%S", time.localtime(held["started"]))
             raise HcdError(f"{stage}: another run holds this checkout: {held.get('kind')} (pid {held['pid']}, since {since}: {held.get('cmd', '')[:80]}); let it finish or stop it, then rerun — two engines in one checkout would overwrite each other's outputs")
-        if not same:
+        if not same and not (side_by_side and _alive(held)):  # a live claim of the same kind stays: it outlives this stage
             tmp = path.with_name(f".runner.json.tmp-{os.getpid()}")
             try:
                 tmp.write_text(json.dumps(me))

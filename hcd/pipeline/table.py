@@ -72,6 +72,7 @@ class Stage:
     dirs: tuple[str, ...] = ()  # outputs that are folders
     threads: str | int = 1  # Snakemake threads ("all": the whole machine, one job at a time)
     resources: dict[str, int] = field(default_factory=dict)  # Snakemake resources (gpu=1)
+    memory: tuple[int, float] = (1000, 0.0)  # host memory estimate: MB, plus MB per MB of input (see snakemake_mem_mb)
     report: tuple[tuple[str, str], ...] = ()  # (output, category): on `snakemake --report`'s page, captioned by workflow/report/<name>.rst
 
     @property
@@ -145,6 +146,7 @@ STAGES: tuple[Stage, ...] = _gated((
         params=("data",),
 
         threads="all",  # the demo renders in worker processes
+        memory=(2000, 0.0),  # the demo renders in worker processes; a Kaggle download streams to disk
     ),
     Stage(
         name="scan",
@@ -156,6 +158,7 @@ STAGES: tuple[Stage, ...] = _gated((
         params=("scan",),
 
         threads="all",  # decodes in worker processes (HCD_WORKERS)
+        memory=(2000, 0.1),  # decode workers; the packed arrays are written through memory maps
     ),
     Stage(
         name="split",
@@ -165,6 +168,7 @@ STAGES: tuple[Stage, ...] = _gated((
         outs=(f"{SPLIT}/split.csv",),
         uncached=(f"{METRICS}/split.json",),
         params=("split",),
+        memory=(1000, 0.05),  # the index tables
     ),
     Stage(
         name="stats",
@@ -172,6 +176,7 @@ STAGES: tuple[Stage, ...] = _gated((
         args=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", "--out", STATS),
         deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *_code("stages/stats", "data/packed")),
         outs=(STATS,),
+        memory=(1500, 0.05),  # reads the packed arrays in chunks
     ),
     Stage(
         name="train",
@@ -186,6 +191,7 @@ STAGES: tuple[Stage, ...] = _gated((
         dirs=(f"dvclive/{ITEM}/plots/metrics",),
         threads="all",
         resources={"gpu": 1},
+        memory=(4000, 1.0),  # the selected rows in memory (below HCD_IN_MEMORY_BYTES), the model, a batch
     ),
     Stage(
         name="predict",
@@ -197,6 +203,7 @@ STAGES: tuple[Stage, ...] = _gated((
         per_backbone=True,
         threads="all",
         resources={"gpu": 1},
+        memory=(4000, 1.0),  # as train
     ),
     Stage(
         name="explain",
@@ -210,6 +217,7 @@ STAGES: tuple[Stage, ...] = _gated((
         dirs=(f"explain/{ITEM}/grids",),
         report=((f"explain/{ITEM}/grids", "Grad-CAM"),),
         resources={"gpu": 1},
+        memory=(3000, 0.5),  # the validation rows it draws tiles from
     ),
     Stage(
         name="ensemble",
@@ -219,6 +227,7 @@ STAGES: tuple[Stage, ...] = _gated((
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
         params=("backbones", "ensemble", "seed"),
+        memory=(1000, 2.0),  # prediction tables
     ),
     Stage(
         name="metrics",
@@ -229,6 +238,7 @@ STAGES: tuple[Stage, ...] = _gated((
         uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", PLOTS),
         params=("backbones", "metrics"),
         dirs=(PLOTS,),
+        memory=(1000, 2.0),  # prediction tables, bootstrap
     ),
     Stage(
         name="report",
@@ -239,6 +249,7 @@ STAGES: tuple[Stage, ...] = _gated((
         plots=tuple((f"{REPORT}/{f}.png", {"cache": True}) for f in REPORT_FIGURES),  # images: `dvc plots show` puts them on its page
         params=("backbones",),
         report=tuple((f"{REPORT}/{f}.png", cat) for f, cat in zip(REPORT_FIGURES, ("Data", "Data", "Training", "Results", "Results", "Results"))),
+        memory=(1500, 0.0),  # matplotlib figures
     ),
     Stage(
         name="export",
@@ -249,6 +260,7 @@ STAGES: tuple[Stage, ...] = _gated((
         outs=(EXPORT,),
         params=EXPORT_PARAMS,
         dirs=(EXPORT,),
+        memory=(3000, 0.0),  # each fold model traced to ONNX in turn
     ),
 ))
 
@@ -287,6 +299,20 @@ def final_outputs(backbones: list[str], stages: tuple[Stage, ...] = STAGES) -> l
 def snakemake_params(params: Params, stage: Stage) -> dict[str, Any]:
     """The values of the keys a stage reads, as Snakemake ``params:`` (rerun when they change)."""
     return {key.replace(".", "__"): lookup(params, key) for key in stage.params}
+
+
+MEMORY_INPUT_CAP_MB = 4096  # inputs count up to HCD_IN_MEMORY_BYTES' default: above it hcd memory-maps instead of loading
+
+
+def snakemake_mem_mb(stage: Stage):
+    """The ``mem_mb`` a job asks for (SLURM's --mem, or Snakemake's own ``--resources mem_mb=N``), sized by its inputs:
+    base + factor x min(input MB, 4096), doubled on each retry (``--retries``: an out-of-memory kill asks for more)."""
+    base, per_input = stage.memory
+
+    def mem_mb(wildcards, input, attempt: int = 1) -> int:  # noqa: A002 - Snakemake passes the job's inputs by this name
+        return int((base + per_input * min(input.size_mb, MEMORY_INPUT_CAP_MB)) * attempt)
+
+    return mem_mb
 
 
 def wildcard(path: str) -> str:
