@@ -8,6 +8,8 @@ Usage ("hcd COMMAND --help" for the options of a command):
                                                from the export bundle (export/)
     hcd submit [-m NOTE] [--dry-run]           validate results/submission.csv and upload it to Kaggle
     hcd lr-find BACKBONE | --all               learning-rate range test: suggested lr, plot in lr-find/
+    hcd push | pull [-r REMOTE]                share the cached outputs through a DVC remote; pull also
+                                               makes Snakemake take the pulled files as up to date
     hcd score PREDICTIONS LABELS               AUC (95 % CI) of a submission (id,label) or a
                                                backbone's predictions (id,prob) against id,label
     hcd summary                                the last run: validation AUC (95 % CI) per backbone and
@@ -25,6 +27,7 @@ exits 2; nothing it had produced before is touched.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -36,6 +39,7 @@ from hcd.stages import NAMES as STAGE_NAMES
 
 STAGE_MODULES = {name: f"hcd.stages.{name}" for name in STAGE_NAMES}
 TOOLS = {"infer": "hcd.tools.infer", "submit": "hcd.tools.submit", "lr-find": "hcd.tools.lrfind"}  # commands around the pipeline
+REMOTE = ("push", "pull")  # hcd.tools.remote: the action is its first argument
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,10 +70,11 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
             claim(name)  # one runner (dvc or snakemake) per checkout at a time
             replay_journals()  # a commit killed among its renames is finished first...
             sweep_dead_temps()  # ...then temporaries of killed processes go
-            if name in GPU_STAGES:
+            if name in GPU_STAGES and "TORCHELASTIC_RUN_ID" not in os.environ:  # a torchrun rank uses what its launcher claimed
                 from hcd.runtime import gpuslots
 
-                gpuslots.claim(1, name)  # a GPU of its own when several jobs run at once; nothing with one GPU or none
+                needed = getattr(sys.modules.get(fn.__module__), "gpus_needed", lambda a: 1)(sys.argv[1:] if argv is None else argv)
+                gpuslots.claim(needed, name)  # GPUs of its own when several jobs run at once; nothing with one GPU or none
         fn(argv)
     except HcdError as err:
         print(f"hcd {name}: error: {err}", file=sys.stderr)
@@ -125,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         run_stage(_demo_truth, "demo-truth", rest)
     elif cmd in TOOLS:
         run_stage(importlib.import_module(TOOLS[cmd]).main, cmd, rest)
+    elif cmd in REMOTE:
+        from hcd.tools.remote import main as remote_main
+
+        run_stage(remote_main, cmd, [cmd, *rest])
     else:
         print(f"hcd: unknown command {cmd!r} (try: hcd --help)", file=sys.stderr)
         raise SystemExit(2)

@@ -168,6 +168,46 @@ def test_a_second_run_does_nothing(engines):
     assert snakemake_would_run(snake_root) == set()
 
 
+def _clone_and_pull(dvc_root: Path, dest: Path, remote_args: list[str]) -> Path:
+    """A fresh clone of the run's git history, with the remote as its default, then `hcd pull`."""
+    sh(dest.parent, "git", "clone", "-q", str(dvc_root), str(dest))
+    sh(dest, "dvc", "remote", "add", "--local", "-d", "store", *remote_args[:1])
+    for key, value in zip(remote_args[1::2], remote_args[2::2]):
+        sh(dest, "dvc", "remote", "modify", "--local", "store", key, value)
+    sh(dest, "hcd", "pull")
+    return dest
+
+
+def test_a_fresh_clone_pulls_the_run_from_a_remote_and_neither_engine_reruns_anything(engines, tmp_path):
+    """dvc push to a local-path remote and to an SSH remote (a real sshd on localhost, a key made for the test);
+    a fresh clone + hcd pull has every output of the run, and dvc repro and snakemake rerun nothing."""
+    dvc_root = engines[0]
+    remotes = {"local": [str(tmp_path / "remote")]}
+    sshd = subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "start"], capture_output=True, text=True, env=ENV | {"HCD_SSHD_DIR": str(tmp_path / "sshd")})
+    if sshd.returncode == 0:
+        import getpass
+
+        remotes["ssh"] = [f"ssh://{getpass.getuser()}@127.0.0.1:2222{tmp_path}/ssh-remote", "keyfile", str(tmp_path / "sshd/id_ed25519")]
+    for kind, args in remotes.items():
+        sh(dvc_root, "dvc", "remote", "add", "--local", "-f", kind, args[0])
+        for key, value in zip(args[1::2], args[2::2]):
+            sh(dvc_root, "dvc", "remote", "modify", "--local", kind, key, value)
+        assert f"hcd push: to {kind}" in sh(dvc_root, "hcd", "push", "-r", kind)
+        clone = _clone_and_pull(dvc_root, tmp_path / f"clone-{kind}", args)
+        assert digests(clone) == BASELINE, kind
+        assert dvc_ran(sh(clone, "dvc", "repro")) == set(), kind
+        assert snakemake_would_run(clone) == set(), kind
+    subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "stop"], capture_output=True, env=ENV | {"HCD_SSHD_DIR": str(tmp_path / "sshd")})
+
+    before = digests(clone)
+    sh(clone, "dvc", "remote", "add", "--local", "dead", "ssh://nobody@127.0.0.1:1/nowhere")
+    out = sh(clone, "hcd", "pull", "-r", "dead", ok=False)
+    assert re.fullmatch(r"hcd pull: error: remote 'dead' \(ssh://nobody@127\.0\.0\.1:1/nowhere\): cannot connect: .*(refused|failed).*\n", out), out
+    assert digests(clone) == before, "a failed pull changed local files"
+    if "ssh" not in remotes:
+        pytest.skip(f"the local-path remote passed; no SSH server could be started here: {(sshd.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
 def test_exp_run_lr_reruns_only_the_model_stages_and_metrics_diff_shows_it(engines):
     dvc_root, _, _, _ = engines
     before = json.loads((dvc_root / "metrics/metrics.json").read_text())
@@ -178,6 +218,39 @@ def test_exp_run_lr_reruns_only_the_model_stages_and_metrics_diff_shows_it(engin
     diff = sh(dvc_root, "dvc", "metrics", "diff")
     assert "metrics/summary.json" in diff and "cnn.auc" in diff
     assert "lr" in sh(dvc_root, "dvc", "params", "diff")
+    ALONE.update(lock_outs(dvc_root))  # lr=0.0005 run alone: the queued run of the same value must equal it
+
+
+ALONE: dict[str, str] = {}  # cached output -> md5 of the lr=0.0005 experiment run by itself
+
+
+def lock_outs(root: Path) -> dict[str, str]:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {o["path"]: o.get("md5", "") for st in lock["stages"].values() for o in st.get("outs", []) if o["path"].startswith(("models/", "predictions/"))}
+
+
+def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines):
+    """dvc exp run --queue x3, dvc queue start -j 2: all finish, exp show lists each with its AUC, and the one
+    whose lr was also run alone (the test above) has bit-identical models and predictions."""
+    dvc_root, _, _, _ = engines
+    assert ALONE
+    for lr in ("0.0005", "0.001", "0.002"):
+        sh(dvc_root, "dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "--name", f"q-lr{lr}")
+    sh(dvc_root, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        status = sh(dvc_root, "dvc", "queue", "status")
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert status.count("Success") == 3, status
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=dvc_root, env=ENV, capture_output=True, text=True, check=True).stdout)
+    runs = {e["name"]: e["data"] for rev in shown for group in (rev.get("experiments") or []) for e in group["revs"] if (e.get("name") or "").startswith("q-lr")}
+    assert set(runs) == {"q-lr0.0005", "q-lr0.001", "q-lr0.002"}, sorted(runs)
+    aucs = {name: data["metrics"]["metrics/summary.json"]["data"]["ensemble"]["auc"] for name, data in runs.items()}
+    assert all(0 <= a <= 1 for a in aucs.values()) and len(set(aucs.values())) > 1, aucs
+    queued = {path: out["hash"] for path, out in runs["q-lr0.0005"]["outs"].items() if path.startswith(("models/", "predictions/"))}
+    assert queued == ALONE, "the queued lr=0.0005 run differs from the same experiment run alone"
 
 
 def test_a_split_param_reruns_split_and_what_follows_in_both_engines(engines):

@@ -107,14 +107,19 @@ class PackedBatches:
             y = None if y is None else y.pin_memory()
         return t, y
 
-    def batches(self, batch_size: int, gen: torch.Generator | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def batches(self, batch_size: int, gen: torch.Generator | None = None, drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Batches in ``gen``'s order. ``shard=(r, N)`` (data-parallel rank r of N, with ``drop_last``): of every
+        batch of ``batch_size`` rows, the r-th of N equal slices — the N ranks together see exactly this batch."""
         n = len(self)
         order = torch.randperm(n, generator=gen).numpy() if gen is not None else np.arange(n)
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        rank, world = shard
+        per = batch_size // world
+        lo, hi = rank * per, (rank + 1) * per  # of each batch; all of it without sharding
         if self.mode == "device":  # the epoch's order goes to the GPU once; each batch is a slice of it there
             order_t = to_device(torch.from_numpy(order), self.device)
             for start in range(0, stop, batch_size):
-                yield self.gather(order_t[start : start + batch_size])
+                yield self.gather(order_t[start : start + batch_size][lo:hi])
             return
         for start in range(0, stop, batch_size):
-            yield self.gather(order[start : start + batch_size])
+            yield self.gather(order[start : start + batch_size][lo:hi])

@@ -26,9 +26,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def set_threads() -> int:
-    """Use every core this process may run on (cgroup/affinity aware; ``HCD_THREADS`` overrides), once."""
-    n = env.threads()
+def set_threads(share: int = 1) -> int:
+    """Use every core this process may run on (cgroup/affinity aware; ``HCD_THREADS`` overrides), once;
+    ``share`` processes on one machine (data-parallel ranks) split them."""
+    n = env.threads() if share == 1 or env.env_int("HCD_THREADS", None, 1, 4096) else max(1, env.cpu_count() // share)
     torch.set_num_threads(n)
     return n
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hcd.data.augment import AugmentConfig
 from hcd.data.batches import PackedBatches, Preprocess
 from hcd.errors import HcdError
+from hcd.runtime import distributed
 from hcd.runtime.device import autocast_dtype
 
 
@@ -33,6 +34,7 @@ class Trainer:
     epochs: int = 1  # for the progress bar
     scaler: torch.amp.GradScaler | None = None
     pos_weight: torch.Tensor | None = None
+    ranks: distributed.Ranks = field(default_factory=distributed.Ranks)  # data-parallel: this process's rank
     channels_last: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,11 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
     finite-loss check and stops the epoch when it returns False.
     """
     losses, seen, first_bad = run_steps(t, source, epoch, max_steps, progress, on_step)
+    if t.ranks.on:  # every rank's share: the loss of the global batches, and the first bad step on any rank
+        losses = distributed.all_sum(losses)
+        seen = int(distributed.all_sum(torch.tensor(seen, device=losses.device)))
+        first_bad = distributed.all_max(first_bad)
+        distributed.sync_buffers(t.model)  # every rank validates and saves the same model
     total = float(losses)  # the epoch's one read-back
     bad = int(first_bad)
     if bad >= 0 or not math.isfinite(total):
@@ -75,8 +82,8 @@ def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | No
     losses = torch.zeros((), device=t.device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=t.device, dtype=torch.int64)
     seen = 0
-    bar = tqdm(total=n_steps * t.batch_size, unit="patch", unit_scale=True, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress else True)
-    for step, (xb, yb) in enumerate(source.batches(t.batch_size, t.gen_order, drop_last=True)):
+    bar = tqdm(total=n_steps * t.batch_size, unit="patch", unit_scale=True, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress and t.ranks.main else True)
+    for step, (xb, yb) in enumerate(source.batches(t.batch_size, t.gen_order, drop_last=True, shard=(t.ranks.rank, t.ranks.world))):
         if step >= n_steps:
             break
         xin = t.prep(xb, t.device, t.aug, t.gen_aug, t.channels_last)
@@ -98,6 +105,6 @@ def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | No
         t.sched.step()
         losses += loss.detach().double() * len(y)
         seen += len(y)
-        bar.update(len(y))
+        bar.update(len(y) * t.ranks.world)
     bar.close()
     return losses, seen, first_bad

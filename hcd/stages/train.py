@@ -46,6 +46,7 @@ from hcd.model.factory import build_model, classifier_params
 from hcd.model.inference import predict_probs
 from hcd.model.weights import save_model
 from hcd.pipeline.params import Params, TrainParams, load_params
+from hcd.runtime import distributed
 from hcd.runtime.device import autocast_dtype, oom_message, pick_device, set_threads
 from hcd.runtime.loop import Trainer, train_steps
 from hcd.runtime.optim import make_optimizer, make_schedule
@@ -97,11 +98,17 @@ def check_sides(backbone: str, cfg: TrainParams, y_train: np.ndarray, y_val: np.
             raise HcdError(f"{split}: the {side} side holds {counts[0]} negative and {counts[1]} positive patches; both classes are needed (rerun split with other split.* params)")
 
 
-def build_trainer(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs: Inputs, device: torch.device) -> Trainer:
-    model = build_model(backbone, cfg.pretrained).to(device)
+def build_trainer(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs: Inputs, device: torch.device, ranks: distributed.Ranks = distributed.Ranks()) -> Trainer:
+    model = build_model(backbone, cfg.pretrained)
+    if ranks.on and cfg.sync_bn and device.type == "cuda":  # SyncBatchNorm needs a GPU
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    fwd = model
+    if ranks.on:  # gradients averaged across ranks in backward; every rank starts from rank 0's weights
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(fwd) if cfg.compile and device.type == "cuda" else fwd
     opt = make_optimizer(model, cfg, lr)
     sched = make_schedule(opt, cfg, lr, max(1, len(inputs.train) // cfg.batch_size))
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device) == torch.float16)
@@ -112,9 +119,9 @@ def build_trainer(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs:
     elif cfg.pos_weight is not None:
         pos_weight = torch.tensor(float(cfg.pos_weight), device=device)
     aug = AugmentConfig(**cfg.augment.model_dump())
-    gen_order = torch.Generator().manual_seed(seed)
-    gen_aug = torch.Generator().manual_seed(seed + 1)
-    return Trainer(model, fwd, opt, sched, inputs.prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, cfg.epochs, scaler, pos_weight)
+    gen_order = torch.Generator().manual_seed(seed)  # the same on every rank: they shard one order
+    gen_aug = torch.Generator().manual_seed(seed + 1 + 7919 * ranks.rank)  # each rank augments its slice with its own draws
+    return Trainer(model, fwd, opt, sched, inputs.prep, aug, gen_order, gen_aug, cfg.batch_size, device, backbone, cfg.epochs, scaler, pos_weight, ranks)
 
 
 def resume(t: Trainer, ckpt_path: Path, key: str, log, name: str | None = None) -> Progress:
@@ -127,7 +134,7 @@ def resume(t: Trainer, ckpt_path: Path, key: str, log, name: str | None = None) 
     t.opt.load_state_dict(state["optimizer"])
     t.sched.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"], t.gen_order, t.gen_aug)
+    checkpoint.set_rng_state(state["rng"] if not t.ranks.on else state["rng_ranks"][t.ranks.rank], t.gen_order, t.gen_aug)
     log(f"train {name or t.name}: resuming after epoch {state['epoch']} from {ckpt_path}")
     return Progress(state["best"], state["history"], state["bad_epochs"], state["epoch"], state["stopped"])
 
@@ -138,7 +145,7 @@ def run_epoch(t: Trainer, inputs: Inputs, epoch: int, max_steps: int | None, ckp
         total, seen = train_steps(t, inputs.train, epoch, max_steps=max_steps)
         if seen == 0:  # never write a model that took no step
             raise HcdError(f"train {t.name}: epoch {epoch + 1} took no training step ({len(inputs.train)} patches, batch size {t.batch_size}); model not written")
-        p_val = predict_probs(t.fwd, inputs.val, inputs.prep, t.device, max(t.batch_size, 256))
+        p_val = predict_probs(t.model if t.ranks.on else t.fwd, inputs.val, inputs.prep, t.device, max(t.batch_size, 256))  # every rank, the whole side
     except torch.OutOfMemoryError:
         raise HcdError(oom_message(f"train {t.name}", t.device, t.batch_size, f"models.{t.name}.batch_size (or train.batch_size)")) from None
     except HcdError as err:
@@ -163,8 +170,15 @@ def update_best(t: Trainer, prog: Progress, rec: dict, patience: int, log) -> No
 
 
 def save_checkpoint(t: Trainer, prog: Progress, ckpt_path: Path, key: str, epochs_done: int) -> None:
+    """Called on every rank (they hand rank 0 their generator states); rank 0 writes."""
+    rng = checkpoint.rng_state(t.gen_order, t.gen_aug)
+    per_rank = distributed.gather(rng) if t.ranks.on else None
+    if not t.ranks.main:
+        return
     state = {"key": key, "epoch": epochs_done, "model": t.model.state_dict(), "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(), "scaler": t.scaler.state_dict()}
-    state |= {"rng": checkpoint.rng_state(t.gen_order, t.gen_aug), "best": prog.best, "history": prog.history, "bad_epochs": prog.bad_epochs, "stopped": prog.stopped}
+    state |= {"rng": rng, "best": prog.best, "history": prog.history, "bad_epochs": prog.bad_epochs, "stopped": prog.stopped}
+    if per_rank is not None:
+        state["rng_ranks"] = per_rank
     checkpoint.save(ckpt_path, state)
 
 
@@ -175,6 +189,8 @@ def checkpoint_path(out_dir: Path, fold: int, folds: int) -> Path:
 
 def fit_fold(t: Trainer, inputs: Inputs, cfg: TrainParams, fold: int, folds: int, key: str, out_dir: Path, live, log) -> Progress:
     """Train one model (the only one, or fold ``fold`` of ``folds``), resuming its checkpoint; log its curves."""
+    if not t.ranks.main:
+        log = _quiet  # rank 0 speaks for all
     tag, name = (f"fold{fold}/", f"{t.name} fold {fold}") if folds > 1 else ("", t.name)
     head = set(map(id, classifier_params(t.model)))
     ckpt_path = checkpoint_path(out_dir, fold, folds)
@@ -222,8 +238,11 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     seed = params.seed
     max_steps = cfg.max_steps  # smoke runs and benchmarks: a declared param, recorded in model.json
     seed_everything(seed)
-    threads = set_threads()
-    device = pick_device()
+    ranks = distributed.current()
+    if ranks.on and cfg.batch_size % ranks.world:
+        raise HcdError(f"train {backbone}: batch size {cfg.batch_size} does not split into {ranks.world} equal shares (train.processes); set train.batch_size to a multiple of {ranks.world}")
+    threads = set_threads(ranks.world)
+    device = distributed.start(ranks, pick_device())
     x = open_packed(packed)
     idx, sides = read_split(index, split, n_rows=len(x))
     masks = held_out(sides, split)
@@ -235,23 +254,57 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
 
     settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": checkpoint.device_identity(device), "threads": threads, "max_steps": max_steps}
     key = checkpoint.run_key(settings, packed, [index, split, stats])
-    log(f"train {backbone}: {device.type}, {threads} threads" + (f", {folds} folds" if folds > 1 else ""))
+    log(f"train {backbone}: {device.type}, {threads} threads" + (f", {folds} folds" if folds > 1 else "") + (f", {ranks.world} data-parallel processes" if ranks.on and ranks.main else ""))
+    try:
+        if not ranks.main:  # the others train in step with rank 0 and write nothing
+            fit_all(backbone, cfg, lr, seed, inputs, device, ranks, key, out_dir, _NoLive(), _quiet)
+            return {}
+        with Commit() as commit:  # curves and model files appear together, only when training has finished
+            with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+                runs = fit_all(backbone, cfg, lr, seed, inputs, device, ranks, key, out_dir, live, log)
+            meta = model_meta(backbone, cfg, lr, seed, device, runs)
+            state = runs[0][1].best["state"] if folds == 1 else {f"fold{i}.{k}": v for i, (_, prog) in enumerate(runs) for k, v in prog.best["state"].items()}
+            save_model(out_dir, state, meta, commit)
+        for fold in range(folds):  # the run is complete; a rerun starts afresh
+            checkpoint_path(out_dir, fold, folds).unlink(missing_ok=True)
+        return meta
+    finally:
+        distributed.finish()
+
+
+def fit_all(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs: list[Inputs], device: torch.device, ranks: distributed.Ranks, key: str, out_dir: Path, live, log) -> list[tuple[Inputs, Progress]]:
+    """Every fold's model in turn (one without folds); with several ranks, checked identical on all of them."""
+    folds = len(inputs)
     runs: list[tuple[Inputs, Progress]] = []
-    with Commit() as commit:  # curves and model files appear together, only when training has finished
-        with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for fold, inp in enumerate(inputs):
-                if fold:
-                    seed_everything(seed)  # each fold starts from the same initial weights and generators
-                t = build_trainer(backbone, cfg, lr, seed, inp, device)
-                runs.append((inp, fit_fold(t, inp, cfg, fold, folds, key, out_dir, live, log)))
-            if folds > 1:
-                live.summary["best/val_auc_mean"] = float(np.mean([prog.best["auc"] for _, prog in runs]))
-        meta = model_meta(backbone, cfg, lr, seed, device, runs)
-        state = runs[0][1].best["state"] if folds == 1 else {f"fold{i}.{k}": v for i, (_, prog) in enumerate(runs) for k, v in prog.best["state"].items()}
-        save_model(out_dir, state, meta, commit)
-    for fold in range(folds):  # the run is complete; a rerun starts afresh
-        checkpoint_path(out_dir, fold, folds).unlink(missing_ok=True)
-    return meta
+    for fold, inp in enumerate(inputs):
+        if fold:
+            seed_everything(seed)  # each fold starts from the same initial weights and generators
+        t = build_trainer(backbone, cfg, lr, seed, inp, device, ranks)
+        runs.append((inp, fit_fold(t, inp, cfg, fold, folds, key, out_dir, live, log)))
+        if ranks.on:
+            n = distributed.check_same_weights(runs[-1][1].best["state"], f"train {backbone}")
+            log(f"train {backbone}: all {n} ranks hold identical weights" + (f" (fold {fold})" if folds > 1 else ""))
+    if folds > 1:
+        live.summary["best/val_auc_mean"] = float(np.mean([prog.best["auc"] for _, prog in runs]))
+    return runs
+
+
+class _NoLive:
+    """What ranks other than 0 log to: nothing (rank 0 writes the curves)."""
+
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.step = 0
+
+    def log_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def next_step(self) -> None:
+        pass
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: torch.device, runs: list[tuple[Inputs, Progress]]) -> dict:
@@ -268,13 +321,23 @@ def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: to
     head |= {
         "device": device.type,
         "lr": lr,
-        "train": cfg.model_dump(mode="json", exclude=set() if cfg.max_steps else {"max_steps"}),  # a full run's file stays as before max_steps existed
+        "train": cfg.model_dump(mode="json", exclude=_DEFAULTS_LEFT_OUT(cfg)),  # a plain run's file stays as before these keys existed
         "seed": seed,
     }
     if len(runs) == 1:
         head["history"] = runs[0][1].history
     head["environment"] = env.environment() | checkpoint.device_identity(device)  # what the weights came from
     return head
+
+
+def _DEFAULTS_LEFT_OUT(cfg: TrainParams) -> set[str]:  # noqa: N802 - reads as the set it is
+    """Keys added later, left out of model.json at their defaults, so earlier runs' files stay byte-identical."""
+    out = set()
+    if not cfg.max_steps:
+        out.add("max_steps")
+    if cfg.processes == 1:
+        out |= {"processes", "sync_bn"}
+    return out
 
 
 def _log_epoch(live, rec: dict, tag: str = "") -> None:
@@ -285,7 +348,17 @@ def _log_epoch(live, rec: dict, tag: str = "") -> None:
     live.next_step()
 
 
-def main(argv: list[str] | None = None) -> None:
+def gpus_needed(argv: list[str]) -> int:
+    """GPUs this train command takes (``train.processes`` of its backbone), claimed before CUDA starts (hcd.cli).
+    1 when the command line or params are bad: the stage itself then says what is wrong."""
+    try:
+        args = _parser().parse_known_args(argv)[0]
+        return load_params(args.params).for_backbone(args.backbone)[1].processes
+    except (HcdError, SystemExit, OSError, ValueError, KeyError):
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hcd train", description=__doc__.splitlines()[0])
     ap.add_argument("backbone", help="a name in params.yaml's backbones")
     ap.add_argument("--packed", required=True, help="packed training patches (data/packed/train_x.npy)")
@@ -295,10 +368,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", required=True, help="model.safetensors, model.json and the checkpoint (models/<backbone>)")
     ap.add_argument("--live-dir", required=True, help="dvclive curves (dvclive/<backbone>)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads seed, lr, train.*, models.*)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    if distributed.under_torchrun():
+        distributed.die_with_launcher()
+    args = _parser().parse_args(argv)
     params = load_params(args.params)
     if args.backbone not in params.backbones:
         raise HcdError(f"backbones: {args.backbone!r} is not in {params.backbones}")
     out, live = Path(args.out_dir), Path(args.live_dir)
-    clean_stale_temps(out / "model.safetensors", out / "model.json", live, *out.glob("checkpoint*.pt"))
+    processes = params.for_backbone(args.backbone)[1].processes
+    if processes > 1 and not distributed.under_torchrun():  # the stage starts itself again as `processes` ranks
+        clean_stale_temps(out / "model.safetensors", out / "model.json", live)
+        distributed.launch(processes, ["train", *(sys.argv[1:] if argv is None else argv)], f"train {args.backbone}")
+        return
+    if distributed.current().main:
+        clean_stale_temps(out / "model.safetensors", out / "model.json", live, *out.glob("checkpoint*.pt"))
     train(args.backbone, params, Path(args.packed), Path(args.index), Path(args.split), Path(args.stats), out, live, log=lambda m: print(m, file=sys.stderr))
