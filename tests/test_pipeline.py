@@ -116,3 +116,37 @@ def test_one_list_of_stage_names_for_the_table_the_cli_and_the_scripts():
     for stage in STAGES:
         assert stage.script == f"workflow/scripts/{stage.name}.py"
         assert f"from hcd.stages.{stage.name} import main" in (REPO / stage.script).read_text()
+
+
+def _hcd_imports(path) -> set[str]:
+    """hcd source files a module imports (anywhere in it, function-level imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)] if isinstance(node, ast.ImportFrom) and node.module else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            file = REPO.joinpath(*name.split(".")).with_suffix(".py")
+            if name.startswith("hcd") and file.exists():
+                found.add(str(file.relative_to(REPO)))
+    return found
+
+
+# Shared plumbing every stage uses, deliberately not a code dependency (table.py's docstring says why);
+# names.py is read by params validation; metrics reads env.py for the versions it records.
+NOT_DEPS = {"hcd/atomic.py", "hcd/pipeline/params.py", "hcd/cli.py", "hcd/errors.py", "hcd/pipeline/runlock.py", "hcd/pipeline/table.py", "hcd/model/names.py"}
+
+
+def test_every_module_a_stage_runs_is_a_code_dependency_of_it():
+    """A module a stage imports but does not declare would change the stage's results without DVC rerunning it."""
+    from hcd.pipeline.table import STAGES
+
+    for stage in STAGES:
+        seen, todo = set(), [f"hcd/stages/{stage.name}.py"]
+        while todo:
+            f = todo.pop()
+            if f not in seen:
+                seen.add(f)
+                todo += _hcd_imports(REPO / f)
+        missing = seen - set(stage.deps) - NOT_DEPS - ({"hcd/env.py"} if stage.name == "metrics" else set())
+        assert not missing, f"{stage.name} runs {sorted(missing)} but does not depend on it (hcd/pipeline/table.py)"

@@ -117,7 +117,7 @@ class Stage:
 # training checkpoint's run key (hcd.checkpoint) hashes them.
 # Inference code (model loading, preprocessing, TTA) is shared by predict and train's validation pass.
 INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
-TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", *INFER_CODE)
+TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", *INFER_CODE)
 
 
 def _code(*modules: str) -> tuple[str, ...]:
