@@ -234,6 +234,8 @@ def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines)
     whose lr was also run alone (the test above) has bit-identical models and predictions."""
     dvc_root, _, _, _ = engines
     assert ALONE
+    sh(dvc_root, "git", "checkout", "--", ".")  # queue from the baseline commit, not from the applied lr=0.0005 run (it would be all cached)
+    sh(dvc_root, "dvc", "checkout", "--quiet")
     for lr in ("0.0005", "0.001", "0.002"):
         sh(dvc_root, "dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "--name", f"q-lr{lr}")
     sh(dvc_root, "dvc", "queue", "start", "-j", "2")
@@ -251,6 +253,7 @@ def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines)
     assert all(0 <= a <= 1 for a in aucs.values()) and len(set(aucs.values())) > 1, aucs
     queued = {path: out["hash"] for path, out in runs["q-lr0.0005"]["outs"].items() if path.startswith(("models/", "predictions/"))}
     assert queued == ALONE, "the queued lr=0.0005 run differs from the same experiment run alone"
+    assert all(queued[p] != h for p, h in lock_outs(dvc_root).items() if p.startswith("models/")), "the queue reran nothing"
 
 
 def test_a_split_param_reruns_split_and_what_follows_in_both_engines(engines):
