@@ -65,7 +65,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/jobcomp.txt
-# No slurmdbd: `sacct --completion` reads finished jobs from JobCompLoc; `squeue --states=all`
+# No slurmdbd: sacct --completion reads finished jobs from JobCompLoc; squeue --states=all
 # (the plugin's status command here) sees a job until MinJobAge seconds after it ends
 MinJobAge=3600
 SchedulerParameters=sched_interval=1
