@@ -229,6 +229,7 @@ def lock_outs(root: Path) -> dict[str, str]:
     return {o["path"]: o.get("md5", "") for st in lock["stages"].values() for o in st.get("outs", []) if o["path"].startswith(("models/", "predictions/"))}
 
 
+@pytest.mark.skipif(not os.environ.get("HCD_QUEUE_TEST"), reason="long variant (three more trainings of both backbones): HCD_QUEUE_TEST=1")
 def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines):
     """dvc exp run --queue x3, dvc queue start -j 2: all finish, exp show lists each with its AUC, and the one
     whose lr was also run alone (the test above) has bit-identical models and predictions."""
@@ -281,8 +282,10 @@ def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
 
 def test_snakemake_survives_dvc_rewriting_every_file(engines):
     _, snake_root, _, _ = engines
-    # DVC reproduces the same outputs in the Snakemake copy: every file gets a new mtime
-    sh(snake_root, "dvc", "repro")
+    # DVC takes Snakemake's outputs into its cache and checks every one out again, as after a
+    # `git checkout` of another revision and back: every file is rewritten with a new mtime
+    sh(snake_root, "dvc", "commit", "--force", "--quiet")
+    sh(snake_root, "dvc", "checkout", "--force", "--relink", "--quiet")
     for path in sorted((snake_root / "data").rglob("*"), reverse=True):  # inputs end up newer than outputs
         if path.is_file():
             os.utime(path)
