@@ -36,7 +36,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 start=$(date +%s)
 echo "== 1. tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py tests/test_gpuslots.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
 
 echo "== 2. bench_speed"
 timeout 200 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true

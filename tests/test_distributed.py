@@ -31,7 +31,7 @@ from conftest import REPO, training_arrays
 
 from hcd.data.batches import PackedBatches
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HCD_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HCD_THREADS": "1", "HCD_DEVICE": "cpu"}  # gloo on the CPU, also on a GPU machine
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--monitor-interval=1"]
 
 
