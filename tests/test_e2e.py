@@ -182,12 +182,17 @@ def test_a_fresh_clone_pulls_the_run_from_a_remote_and_neither_engine_reruns_any
     """dvc push to a local-path remote and to an SSH remote (a real sshd on localhost, a key made for the test);
     a fresh clone + hcd pull has every output of the run, and dvc repro and snakemake rerun nothing."""
     dvc_root = engines[0]
-    remotes = {"local": [str(tmp_path / "remote")]}
-    sshd = subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "start"], capture_output=True, text=True, env=ENV | {"HCD_SSHD_DIR": str(tmp_path / "sshd")})
-    if sshd.returncode == 0:
-        import getpass
+    import getpass
+    import socket
 
-        remotes["ssh"] = [f"ssh://{getpass.getuser()}@127.0.0.1:2222{tmp_path}/ssh-remote", "keyfile", str(tmp_path / "sshd/id_ed25519")]
+    remotes = {"local": [str(tmp_path / "remote")]}
+    with socket.socket() as s:  # a free port for this test's own sshd
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sshd_env = ENV | {"HCD_SSHD_DIR": str(tmp_path / "sshd"), "HCD_SSHD_PORT": str(port)}
+    sshd = subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "start"], capture_output=True, text=True, env=sshd_env)
+    if sshd.returncode == 0:
+        remotes["ssh"] = [f"ssh://{getpass.getuser()}@127.0.0.1:{port}{tmp_path}/ssh-remote", "keyfile", str(tmp_path / "sshd/id_ed25519")]
     for kind, args in remotes.items():
         sh(dvc_root, "dvc", "remote", "add", "--local", "-f", kind, args[0])
         for key, value in zip(args[1::2], args[2::2]):
@@ -197,7 +202,7 @@ def test_a_fresh_clone_pulls_the_run_from_a_remote_and_neither_engine_reruns_any
         assert digests(clone) == BASELINE, kind
         assert dvc_ran(sh(clone, "dvc", "repro")) == set(), kind
         assert snakemake_would_run(clone) == set(), kind
-    subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "stop"], capture_output=True, env=ENV | {"HCD_SSHD_DIR": str(tmp_path / "sshd")})
+    subprocess.run(["bash", str(REPO / "tests/cluster/sshd.sh"), "stop"], capture_output=True, env=sshd_env)
 
     before = digests(clone)
     sh(clone, "dvc", "remote", "add", "--local", "dead", "ssh://nobody@127.0.0.1:1/nowhere")
