@@ -188,6 +188,10 @@ class Params(_Strict):
         for name in self.models:
             if name not in self.backbones:
                 raise ValueError(f"models: {excerpt(name)} is not in backbones {self.backbones}")
+        for name in self.backbones:  # data-parallel ranks take equal shares of every batch
+            cfg = self.for_backbone(name)[1]
+            if cfg.batch_size % cfg.processes:
+                raise ValueError(f"train.batch_size: {cfg.batch_size} (for {name}) does not split into train.processes: {cfg.processes} equal shares; use a multiple of {cfg.processes}")
         return self
 
     def for_backbone(self, name: str) -> tuple[float, TrainParams]:
