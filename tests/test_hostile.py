@@ -646,19 +646,29 @@ def _fake_engine(bin_dir: Path, name: str) -> Path:
     return exe
 
 
-def test_a_second_engine_in_one_checkout_is_refused_with_one_line(tmp_path):
+def _checkout_with_a_stage(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A folder for fake engines, a checkout, and a stage command that holds the checkout for argv[1] seconds."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ws = tmp_path / "ws"
     ws.mkdir()
     write_params(ws / "params.yaml", {"backbones": ["cnn"]})
     stage = [sys.executable, "-c", "import sys, time; from hcd.cli import run_stage; run_stage(lambda a: time.sleep(float(a[0])), 'check', sys.argv[1:])"]
+    return bin_dir, ws, stage
+
+
+def _wait_for_claim(ws: Path) -> dict:
+    deadline = time.time() + 60
+    while not (ws / ".hcd/runner.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return json.loads((ws / ".hcd/runner.json").read_text())
+
+
+def test_a_second_engine_in_one_checkout_is_refused_with_one_line(tmp_path):
+    bin_dir, ws, stage = _checkout_with_a_stage(tmp_path)
     first = subprocess.Popen([str(_fake_engine(bin_dir, "snakemake")), *stage, "20"], cwd=ws, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while not (ws / ".hcd/runner.json").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        held = json.loads((ws / ".hcd/runner.json").read_text())
+        held = _wait_for_claim(ws)
         assert held["kind"] == "snakemake" and held["pid"] == first.pid
         again = subprocess.run([str(bin_dir / "snakemake"), *stage, "0"], cwd=ws, env=ENV, capture_output=True, text=True)
         assert again.returncode == 2, "a second snakemake invocation is a second runner too"
@@ -675,20 +685,12 @@ def test_a_second_engine_in_one_checkout_is_refused_with_one_line(tmp_path):
 
 def test_the_jobs_of_a_cluster_workflow_share_the_checkout_but_block_dvc(tmp_path):
     """Under the SLURM executor each job runs under a Snakemake of its own (`--mode remote`): those share the checkout."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    write_params(ws / "params.yaml", {"backbones": ["cnn"]})
+    bin_dir, ws, stage = _checkout_with_a_stage(tmp_path)
     job = _fake_engine(bin_dir, "snakemake")
-    stage = [sys.executable, "-c", "import sys, time; from hcd.cli import run_stage; run_stage(lambda a: time.sleep(float(a[0])), 'check', sys.argv[1:])"]
-    remote = ["--mode", "remote"]  # the fake engine ignores words it does not run: they sit after the stage's own
+    remote = ["--mode", "remote"]  # on the engine's command line; the stage reads only its first word
     first = subprocess.Popen([str(job), *stage, "20", *remote], cwd=ws, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while not (ws / ".hcd/runner.json").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        assert json.loads((ws / ".hcd/runner.json").read_text())["kind"] == "snakemake-job"
+        assert _wait_for_claim(ws)["kind"] == "snakemake-job"
         other_job = subprocess.run([str(job), *stage, "0", *remote], cwd=ws, env=ENV, capture_output=True, text=True)
         assert other_job.returncode == 0, other_job.stderr
         dvc = subprocess.run([str(_fake_engine(bin_dir, "dvc")), *stage, "0"], cwd=ws, env=ENV, capture_output=True, text=True)
