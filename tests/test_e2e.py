@@ -457,8 +457,8 @@ def test_slurm_runs_every_job_through_sbatch_survives_scancel_and_matches(engine
     assert sum(f"|{run_id}|COMPLETED" in line for line in completed.splitlines()) == len(ours) - 1  # sacct lists them too
 
     bad = repo_copy(tmp_path / "bad-partition")
-    out = sh(bad, *SLURM_RUN, "--default-resources", "slurm_partition=nope", "runtime=30", "data/check/params.json", ok=False)
-    assert "invalid partition" in out.lower() and "check" in out, out[-2000:]
+    out = sh(bad, *(a.replace("slurm_partition=debug", "slurm_partition=nope") for a in SLURM_RUN), "data/check/params.json", ok=False)
+    assert "Error in rule check:" in out and "invalid partition specified: nope" in out, out[-2000:]  # the rule, and SLURM's reason
     assert not (bad / "data/check/params.json").exists()
 
 
