@@ -7,8 +7,8 @@
   relative per step); the model has no BatchNorm (SyncBatchNorm needs a GPU; with per-rank
   BatchNorm the statistics of half-batches would differ by design) and augmentation is off
   (each rank draws its own);
-- the stage with train.processes: 2: finishes, every rank ends identical, reruns are
-  bit-identical, a run killed after an epoch resumes and ends bit-identical;
+- the stage with train.processes: 2: finishes, every rank ends identical, a second run killed
+  after an epoch resumes and ends bit-identical to the first;
 - a rank killed with SIGKILL stops the run within a timeout with one line naming the rank.
 """
 
@@ -110,21 +110,25 @@ def ddp_ws(tmp_path_factory):
     return ws
 
 
-def test_train_with_two_processes_ends_identical_on_every_rank_and_reruns_bit_identical(ddp_ws):
-    runs = []
-    for out in ("a", "b"):
-        proc = _train(ddp_ws, out=out)
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        assert "all 2 ranks hold identical weights" in err and "2 data-parallel processes" in err
-        runs.append(_digest(ddp_ws / out / "model.safetensors"))
-    assert runs[0] == runs[1]
+@pytest.fixture(scope="module")
+def uninterrupted(ddp_ws):
+    """One uninterrupted two-process training (models a/): its stderr and weights' digest."""
+    proc = _train(ddp_ws, out="a")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err, _digest(ddp_ws / "a/model.safetensors")
+
+
+def test_train_with_two_processes_ends_identical_on_every_rank(ddp_ws, uninterrupted):
+    err, _ = uninterrupted
+    assert "all 2 ranks hold identical weights" in err and "2 data-parallel processes" in err
     meta = json.loads((ddp_ws / "a/model.json").read_text())
     assert meta["train"]["processes"] == 2 and meta["train"]["sync_bn"] is True
     assert not list((ddp_ws / "a").glob("checkpoint*.pt")) and not list(ddp_ws.glob(".*.tmp-*"))
 
 
-def test_a_two_process_run_killed_after_an_epoch_resumes_and_ends_bit_identical(ddp_ws):
+def test_a_two_process_run_killed_after_an_epoch_resumes_and_ends_bit_identical(ddp_ws, uninterrupted):
+    """Also the rerun test: a second run, cut and resumed, ends on the first run's exact weights."""
     proc = _train(ddp_ws, out="k")
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and not (ddp_ws / "k/checkpoint.pt").exists():
@@ -137,8 +141,7 @@ def test_a_two_process_run_killed_after_an_epoch_resumes_and_ends_bit_identical(
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     assert "resuming after epoch" in err
-    if (ddp_ws / "a/model.safetensors").exists():  # the uninterrupted run of the test above
-        assert _digest(ddp_ws / "k/model.safetensors") == _digest(ddp_ws / "a/model.safetensors")
+    assert _digest(ddp_ws / "k/model.safetensors") == uninterrupted[1]
 
 
 def test_a_rank_killed_mid_run_stops_the_others_with_one_line_naming_it(ddp_ws):
