@@ -63,6 +63,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/linux
+# Memory limits enforced without cgroups (often unavailable in containers): each job's memory is
+# sampled every second and a job over its --mem is killed, ending OUT_OF_MEMORY as on a real cluster
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=1
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/jobcomp.txt
 # No slurmdbd: sacct --completion reads finished jobs from JobCompLoc; squeue --states=all
