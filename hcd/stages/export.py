@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,19 +23,11 @@ import torch
 from hcd import env
 from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.errors import HcdError
+from hcd.gitrev import git_revision
 from hcd.model.bundle import FORMAT, MANIFEST, export_onnx, model_files, sha256
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params, load_params
 from hcd.pipeline.table import EXPORT_PARAMS
-
-
-def git_revision(cwd: Path = Path(".")) -> str | None:
-    """HEAD's commit, or None outside a git checkout."""
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def export_backbone(name: str, model_dir: Path, dest: Path) -> dict:

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from hcd.errors import HcdError
+from hcd.gitrev import git_revision
 from hcd.kaggleapi import authenticated_api, request_error, require_credentials
 from hcd.pipeline.params import load_params
 from hcd.stages.ensemble import validate_submission
-from hcd.stages.export import git_revision
 
 
 def message(params_file: Path, note: str | None = None) -> str:
