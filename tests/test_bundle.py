@@ -217,3 +217,29 @@ def test_explain_grids_hold_the_patches_they_claim(bundle, tmp_path):
     assert ((confident["prob"] >= 0.5) == (confident["label"] == 1)).all()
     assert sorted(f.name for f in (tmp_path / "grids").iterdir()) == ["confident.png", "most_wrong.png", "random.png"]
     assert pd.read_csv(tmp_path / "tiles.csv", dtype={"id": str})["id"].tolist() == tiles["id"].tolist()
+
+
+def test_the_manifest_names_the_commit_that_last_changed_the_code_not_head(tmp_path):
+    """Committing the results (dvc.lock) after a run must not change the revision a rerun records."""
+    import subprocess
+
+    from hcd.gitrev import code_revision, git_revision
+
+    assert code_revision(tmp_path) is None  # not a git checkout
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "hcd").mkdir()
+    (tmp_path / "hcd/a.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    code = git_revision(tmp_path)
+    (tmp_path / "dvc.lock").write_text("stages: {}\n")
+    git("add", "-A")
+    git("commit", "-qm", "results")
+    assert git_revision(tmp_path) != code and code_revision(tmp_path) == code
+    (tmp_path / "hcd/a.py").write_text("x = 2\n")
+    assert code_revision(tmp_path) is None  # made by code no commit holds
