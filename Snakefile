@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from hcd.errors import HcdError
+from hcd.pipeline.freshness import pipeline_files, reveal_hidden_edits
 from hcd.pipeline.params import load_params
 from hcd.pipeline.table import SNAKEMAKE_LOG_SUFFIX, STAGES, final_outputs, report_annotations, snakemake_command, snakemake_inputs, snakemake_mem_mb, snakemake_params, wildcard
 
@@ -34,6 +35,13 @@ except HcdError as err:
 
 S = {stage.name: stage for stage in STAGES}
 BACKBONES = PARAMS.backbones
+
+# A file rewritten in place with its old mtime put back looks unchanged to Snakemake:
+# hcd finds it by its ctime and content and sets its mtime to now (hcd.pipeline.freshness),
+# before the DAG is built, and records what the jobs wrote when the run ends (below).
+if workflow.is_main_process:
+    for _path in reveal_hidden_edits(pipeline_files(BACKBONES)):
+        print(f"hcd: {_path}: content changed with its mtime kept; mtime set to now, so what was made from it reruns", file=sys.stderr)
 
 
 def outputs(name):
@@ -92,3 +100,11 @@ for _stage in STAGES:
 
 # `snakemake --report report.html`: the figures of report/ and explain/ on one page
 report: "workflow/report/workflow.rst"
+
+
+onsuccess:
+    reveal_hidden_edits(pipeline_files(BACKBONES))
+
+
+onerror:
+    reveal_hidden_edits(pipeline_files(BACKBONES))

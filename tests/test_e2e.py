@@ -291,6 +291,30 @@ def test_snakemake_survives_dvc_rewriting_every_file(engines):
     assert snakemake_would_run(snake_root) == set()
 
 
+def test_snakemake_sees_a_packed_array_edited_in_place_with_its_mtime_kept(engines):
+    """One byte of data/packed/train_x.npy changed, its old mtime put back: every stage that read it
+    (and what follows) reruns; the byte restored the same way, nothing does."""
+    _, snake_root, _, _ = engines
+    arr = snake_root / "data/packed/train_x.npy"
+    before = arr.stat()
+
+    def poke(byte: bytes) -> bytes:
+        with open(arr, "r+b") as f:
+            f.seek(before.st_size - 1)
+            old = f.read(1)
+            f.seek(before.st_size - 1)
+            f.write(byte)
+        os.utime(arr, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return old
+
+    original = poke(b"\x07" if arr.read_bytes()[-1:] != b"\x07" else b"\x08")
+    out = sh(snake_root, "snakemake", "--dry-run", "--cores", "2")
+    assert "data/packed/train_x.npy: content changed with its mtime kept" in out
+    assert snakemake_would_run(snake_root) == MODEL_STAGES | {"stats"}
+    poke(original)
+    assert snakemake_would_run(snake_root) == set()
+
+
 def test_dvc_metrics_and_plots_read_the_outputs(engines, tmp_path):
     dvc_root, _, _, _ = engines
     out = sh(dvc_root, "dvc", "metrics", "show")

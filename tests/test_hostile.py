@@ -713,3 +713,36 @@ def test_stages_of_one_runner_share_the_checkout(tmp_path):
     engine.chmod(0o755)
     proc = subprocess.run([str(engine)], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_file_rewritten_with_its_mtime_kept_is_revealed_to_snakemake_by_ctime_and_content(tmp_path, monkeypatch):
+    """Item 12: Snakemake trusts mtimes; hcd.pipeline.freshness finds the in-place edit (ctime moved, content
+    differs, mtime as recorded) and sets its mtime to now. Copies, relinks and ordinary rewrites are left alone."""
+    from hcd.pipeline import freshness
+    from hcd.pipeline.freshness import reveal_hidden_edits
+
+    hashed = []
+    real_sha256 = freshness._sha256
+    monkeypatch.setattr(freshness, "_sha256", lambda p: hashed.append(p) or real_sha256(p))
+    record = tmp_path / ".hcd/contents.json"
+    arr = tmp_path / "train_x.npy"
+    arr.write_bytes(b"\x00" * 4096)
+    past = 1_700_000_000_000_000_000
+    os.utime(arr, ns=(past, past))
+    files = [str(arr), str(tmp_path / "missing.csv")]
+    assert reveal_hidden_edits(files, record) == [] and hashed == [str(arr)]  # first sight: recorded
+    assert reveal_hidden_edits(files, record) == [] and len(hashed) == 1  # unchanged: not hashed again
+    with open(arr, "r+b") as f:  # one pixel changed in place...
+        f.seek(2000)
+        f.write(b"\x01")
+    os.utime(arr, ns=(past, past))  # ...and the old mtime put back
+    assert reveal_hidden_edits(files, record) == [str(arr)]
+    assert arr.stat().st_mtime_ns > past
+    assert reveal_hidden_edits(files, record) == []  # revealed once
+    data = arr.read_bytes()
+    arr.unlink()
+    arr.write_bytes(data)  # same bytes, new inode and ctime (a dvc checkout): nothing to reveal
+    assert reveal_hidden_edits(files, record) == []
+    arr.write_bytes(b"\x02" * 4096)  # an ordinary rewrite: its new mtime speaks for itself
+    mtime = arr.stat().st_mtime_ns
+    assert reveal_hidden_edits(files, record) == [] and arr.stat().st_mtime_ns == mtime
