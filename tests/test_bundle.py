@@ -219,27 +219,15 @@ def test_explain_grids_hold_the_patches_they_claim(bundle, tmp_path):
     assert pd.read_csv(tmp_path / "tiles.csv", dtype={"id": str})["id"].tolist() == tiles["id"].tolist()
 
 
-def test_the_manifest_names_the_commit_that_last_changed_the_code_not_head(tmp_path):
-    """Committing the results (dvc.lock) after a run must not change the revision a rerun records."""
+def test_the_manifest_records_each_source_file_by_the_blob_id_git_gives_it(tmp_path):
+    """Content ids, not a commit: the same in every clone, so a fresh clone's export is the committed one."""
     import subprocess
 
-    from hcd.gitrev import code_revision, git_revision
+    from hcd.gitrev import git_blob_ids
+    from hcd.pipeline.table import BUNDLE_CODE, code_files
 
-    assert code_revision(tmp_path) is None  # not a git checkout
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
-
-    def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
-
-    git("init", "-q")
-    (tmp_path / "hcd").mkdir()
-    (tmp_path / "hcd/a.py").write_text("x = 1\n")
-    git("add", "-A")
-    git("commit", "-qm", "code")
-    code = git_revision(tmp_path)
-    (tmp_path / "dvc.lock").write_text("stages: {}\n")
-    git("add", "-A")
-    git("commit", "-qm", "results")
-    assert git_revision(tmp_path) != code and code_revision(tmp_path) == code
-    (tmp_path / "hcd/a.py").write_text("x = 2\n")
-    assert code_revision(tmp_path) is None  # made by code no commit holds
+    paths = list(code_files(*BUNDLE_CODE))
+    ids = git_blob_ids([str(REPO / p) for p in paths])
+    for path, blob in ids.items():
+        assert blob == subprocess.run(["git", "hash-object", path], capture_output=True, text=True, check=True).stdout.strip(), path
+    assert {"hcd/stages/train.py", "hcd/model/inference.py", "hcd/stages/export.py"} <= set(paths)

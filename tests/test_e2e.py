@@ -92,17 +92,10 @@ def set_params(root: Path, **changes) -> None:
 
 
 def digests(root: Path) -> dict[str, str]:
-    """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded). The export
-    manifest records the commit that last changed the code, which differs between the two copies: it is
-    compared without that one field."""
+    """Every file the pipeline wrote (outputs of every stage, per-backbone ones expanded), byte for byte:
+    the export manifest too (it records code by git blob id, the same in every copy, not a commit)."""
     files = [p for d in ("data", "models", "predictions", "results", "metrics", "plots", "dvclive", "export", "explain", "report") for p in (root / d).rglob("*") if p.is_file() and p.name != ".gitignore"]
-    out = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
-    manifest = root / "export/manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        assert len(m.pop("git")["code_revision"]) == 40
-        out["export/manifest.json"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()
-    return out
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "groups" not in p.parts and p.name != ".snakemake_timestamp"}
 
 
 def dvc_ran(log: str) -> set[str]:

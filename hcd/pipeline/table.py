@@ -118,9 +118,13 @@ class Stage:
 # Inference code (model loading, preprocessing, TTA) is shared by predict and train's validation pass.
 INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
 TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", *INFER_CODE)
+# Everything that decides an export bundle's numbers: the export stage depends on it and its
+# manifest records each file's git blob id (hcd.gitrev), so the record is itself reproducible.
+BUNDLE_CODE = (*TRAIN_CODE, "stages/predict", "stages/ensemble", "model/combine", "stages/export", "model/bundle", "gitrev")
 
 
-def _code(*modules: str) -> tuple[str, ...]:
+def code_files(*modules: str) -> tuple[str, ...]:
+    """Module names ("stages/train") as the repository paths DVC tracks ("hcd/stages/train.py")."""
     return tuple(f"hcd/{m}.py" for m in modules)
 
 
@@ -134,14 +138,14 @@ STAGES: tuple[Stage, ...] = _gated((
         name="check",
         script="workflow/scripts/check.py",
         args=(PARAMS_FILE, "--out", CHECKED),
-        deps=(PARAMS_FILE, *_code("stages/check", "pipeline/params", "errors")),
+        deps=(PARAMS_FILE, *code_files("stages/check", "pipeline/params", "errors")),
         outs=(CHECKED,),
     ),
     Stage(
         name="download",
         script="workflow/scripts/download.py",
         args=("--out", RAW),
-        deps=_code("stages/download", "data/synth", "data/source", "data/tiff", "env", "redact", "kaggleapi"),
+        deps=code_files("stages/download", "data/synth", "data/source", "data/tiff", "env", "redact", "kaggleapi"),
         outs=(RAW,),
         params=("data",),
 
@@ -152,7 +156,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="scan",
         script="workflow/scripts/scan.py",
         args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
-        deps=(RAW, *_code("stages/scan", "data/source", "data/tiff", "data/packed", "data/tables", "env")),
+        deps=(RAW, *code_files("stages/scan", "data/source", "data/tiff", "data/packed", "data/tables", "env")),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
         uncached=(f"{METRICS}/scan.json",),  # in git, beside the metrics; not a DVC metric (dozens of counts)
         params=("scan",),
@@ -164,7 +168,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="split",
         script="workflow/scripts/split.py",
         args=(f"{PACKED}/train_index.csv", "--out", f"{SPLIT}/split.csv", "--balance", f"{METRICS}/split.json"),
-        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, *_code("stages/split", "data/packed")),
+        deps=(f"{PACKED}/train_index.csv", GROUPS_DIR, *code_files("stages/split", "data/packed")),
         outs=(f"{SPLIT}/split.csv",),
         uncached=(f"{METRICS}/split.json",),
         params=("split",),
@@ -174,7 +178,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="stats",
         script="workflow/scripts/stats.py",
         args=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", "--out", STATS),
-        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *_code("stages/stats", "data/packed")),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", *code_files("stages/stats", "data/packed")),
         outs=(STATS,),
         memory=(1500, 0.05),  # reads the packed arrays in chunks
     ),
@@ -182,7 +186,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="train",
         script="workflow/scripts/train.py",
         args=(ITEM, "--packed", f"{PACKED}/train_x.npy", "--index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--stats", STATS, "--out-dir", f"models/{ITEM}", "--live-dir", f"dvclive/{ITEM}"),
-        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *_code(*TRAIN_CODE)),
+        deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *code_files(*TRAIN_CODE)),
         outs=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         metrics=(f"dvclive/{ITEM}/metrics.json",),
         plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step", "x_label": "epoch", "title": f"{ITEM}: training curves (with folds, one per fold)"}),),
@@ -197,7 +201,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="predict",
         script="workflow/scripts/predict.py",
         args=(ITEM, "--model-dir", f"models/{ITEM}", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--test-x", f"{PACKED}/test_x.npy", "--test-index", f"{PACKED}/test_index.csv", "--val-out", f"{PREDICTIONS}/{ITEM}/val.csv", "--test-out", f"{PREDICTIONS}/{ITEM}/test.csv"),
-        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *_code("stages/predict", "model/combine", *INFER_CODE)),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SPLIT}/split.csv", *code_files("stages/predict", "model/combine", *INFER_CODE)),
         outs=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         params=("predict",),
         per_backbone=True,
@@ -209,7 +213,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="explain",
         script="workflow/scripts/explain.py",
         args=(ITEM, "--model-dir", f"models/{ITEM}", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--split", f"{SPLIT}/split.csv", "--predictions", f"{PREDICTIONS}/{ITEM}/val.csv", "--grids", f"explain/{ITEM}/grids", "--tiles", f"explain/{ITEM}/tiles.csv"),
-        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", f"{PREDICTIONS}/{ITEM}/val.csv", *_code("stages/explain", "model/cam", *INFER_CODE)),
+        deps=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json", f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", f"{PREDICTIONS}/{ITEM}/val.csv", *code_files("stages/explain", "model/cam", *INFER_CODE)),
         outs=(f"explain/{ITEM}/tiles.csv",),
         plots=((f"explain/{ITEM}/grids", {"cache": True}),),  # images: DVC shows them with `dvc plots show`
         params=("explain",),
@@ -223,7 +227,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="ensemble",
         script="workflow/scripts/ensemble.py",
         args=("--predictions", PREDICTIONS, "--test-index", f"{PACKED}/test_index.csv", "--out-dir", "results/ensemble", "--submission", SUBMISSION),
-        deps=(f"{PACKED}/test_index.csv", *_code("stages/ensemble", "model/combine")),
+        deps=(f"{PACKED}/test_index.csv", *code_files("stages/ensemble", "model/combine")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
         params=("backbones", "ensemble", "seed"),
@@ -233,7 +237,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="metrics",
         script="workflow/scripts/metrics.py",
         args=("--predictions", PREDICTIONS, "--ensemble", "results/ensemble/val.csv", "--out", f"{METRICS}/metrics.json", "--summary", f"{METRICS}/summary.json", "--plots", PLOTS),
-        deps=("results/ensemble/val.csv", *_code("stages/metrics", "scoring", "data/tables", "summary")),
+        deps=("results/ensemble/val.csv", *code_files("stages/metrics", "scoring", "data/tables", "summary")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv",),
         uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", PLOTS),
         params=("backbones", "metrics"),
@@ -244,7 +248,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="report",
         script="workflow/scripts/report.py",
         args=("--scan", f"{METRICS}/scan.json", "--scan-report", f"{SCAN}/report.csv", "--raw", RAW, "--split", f"{METRICS}/split.json", "--models", "models", "--metrics", f"{METRICS}/metrics.json", "--plots", PLOTS, "--ensemble", "results/ensemble/val.csv", "--out", REPORT),
-        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", PLOTS, "results/ensemble/val.csv", *_code("stages/report", "data/source", "data/tiff")),
+        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", PLOTS, "results/ensemble/val.csv", *code_files("stages/report", "data/source", "data/tiff")),
         gather=(f"models/{ITEM}/model.json",),
         plots=tuple((f"{REPORT}/{f}.png", {"cache": True}) for f in REPORT_FIGURES),  # images: `dvc plots show` puts them on its page
         params=("backbones",),
@@ -255,7 +259,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="export",
         script="workflow/scripts/export.py",
         args=("--models", "models", "--ensemble", "results/ensemble/ensemble.json", "--out", EXPORT),
-        deps=("results/ensemble/ensemble.json", *_code("stages/export", "model/bundle", "model/weights", "model/factory", "env", "gitrev")),
+        deps=("results/ensemble/ensemble.json", *code_files(*BUNDLE_CODE)),
         gather=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         outs=(EXPORT,),
         params=EXPORT_PARAMS,

@@ -5,7 +5,7 @@ model (one, or one per fold) with the same weights as safetensors, and
 ``manifest.json`` holding the preprocessing of each model (centre crop, upscale,
 mean/std), the TTA views, how fold models and backbones are combined (the
 ensemble's method and fitted weights), the params the models came from with their
-sha256, the last commit that changed the code, and the sha256 of every file.
+sha256, the git blob id of every source file that decided it, and the sha256 of every file.
 ``hcd infer export/ PATCHES…`` predicts from it exactly as the pipeline does.
 """
 
@@ -23,11 +23,11 @@ import torch
 from hcd import env
 from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.errors import HcdError
-from hcd.gitrev import code_revision
+from hcd.gitrev import git_blob_ids
 from hcd.model.bundle import FORMAT, MANIFEST, export_onnx, model_files, sha256
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params, load_params
-from hcd.pipeline.table import EXPORT_PARAMS
+from hcd.pipeline.table import BUNDLE_CODE, EXPORT_PARAMS, code_files
 
 
 def export_backbone(name: str, model_dir: Path, dest: Path) -> dict:
@@ -67,7 +67,7 @@ def export(params: Params, models_dir: Path, ensemble_json: Path, out: Path, log
             "backbones": backbones,
             "params": chosen,
             "params_sha256": hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest(),
-            "git": {"code_revision": code_revision()},  # reproducible: not HEAD (hcd.gitrev)
+            "code": git_blob_ids(list(code_files(*BUNDLE_CODE))),  # git blob ids: `git log --find-object=ID` (not HEAD: hcd.gitrev)
             "environment": env.environment(),
             "files": {f: sha256(folder / f) for f in files},
         }
