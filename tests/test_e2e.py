@@ -484,7 +484,7 @@ def test_slurm_runs_every_job_through_sbatch_survives_scancel_and_matches(engine
     assert not (bad / "data/check/params.json").exists()
 
 
-@pytest.mark.skipif(not os.environ.get("HCD_SLURM_FAULTS"), reason="long variant (a training run past a 1-minute SLURM time limit, ~5 min): HCD_SLURM_FAULTS=1")
+@pytest.mark.skipif(not os.environ.get("HCD_SLURM_FAULTS"), reason="long variant (a training run past a 1-minute SLURM time limit: 386 s measured): HCD_SLURM_FAULTS=1")
 def test_slurm_time_limit_and_out_of_memory_name_the_rule_reason_and_log_and_the_rerun_resumes(tmp_path):
     """A training past its SLURM time limit, and a predict over its memory, each fail their rule with
     SLURM's state and the job's log path (whose last lines say why); the same command with enough
