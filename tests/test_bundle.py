@@ -223,7 +223,7 @@ def test_the_manifest_records_each_source_file_by_the_blob_id_git_gives_it(tmp_p
     """Content ids, not a commit: the same in every clone, so a fresh clone's export is the committed one."""
     import subprocess
 
-    from hcd.gitrev import git_blob_ids
+    from hcd.digests import git_blob_ids
     from hcd.pipeline.table import BUNDLE_CODE, code_files
 
     paths = list(code_files(*BUNDLE_CODE))

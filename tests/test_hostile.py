@@ -722,8 +722,8 @@ def test_a_file_rewritten_with_its_mtime_kept_is_revealed_to_snakemake_by_ctime_
     from hcd.pipeline.freshness import reveal_hidden_edits
 
     hashed = []
-    real_sha256 = freshness._sha256
-    monkeypatch.setattr(freshness, "_sha256", lambda p: hashed.append(p) or real_sha256(p))
+    real_sha256 = freshness.file_sha256
+    monkeypatch.setattr(freshness, "file_sha256", lambda p: hashed.append(p) or real_sha256(p))
     record = tmp_path / ".hcd/contents.json"
     arr = tmp_path / "train_x.npy"
     arr.write_bytes(b"\x00" * 4096)

@@ -17,7 +17,6 @@ from the manifest is refused with one line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hcd.digests import file_sha256
 from hcd.errors import HcdError
 
 FORMAT = 1
@@ -63,14 +63,6 @@ def _drop_stack_traces(proto) -> None:
             node.metadata_props.extend(keep)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_bundle(folder: str | Path) -> dict[str, Any]:
     """The manifest of a bundle whose every file is present and unaltered; one line naming the file otherwise."""
     folder = Path(folder)
@@ -89,6 +81,6 @@ def read_bundle(folder: str | Path) -> dict[str, Any]:
         f = folder / rel
         if not f.is_file():
             raise HcdError(f"{f}: missing from the bundle (the manifest lists it)")
-        if sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise HcdError(f"{f}: sha256 differs from the manifest (the file was changed after export)")
     return manifest

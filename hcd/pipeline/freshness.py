@@ -21,22 +21,15 @@ The first run hashes every existing file once (the full Kaggle set's packed arra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from hcd.digests import file_sha256
+
 RECORD = Path(".hcd/contents.json")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load(record: Path) -> dict[str, list]:
@@ -66,7 +59,7 @@ def reveal_hidden_edits(paths: Iterable[str], record: Path = RECORD) -> list[str
         if isinstance(seen, list) and len(seen) == 5 and seen[:3] == [st.st_ctime_ns, st.st_size, st.st_ino]:
             new[path] = seen  # not written since: nothing to hash
             continue
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if isinstance(seen, list) and len(seen) == 5 and digest != seen[4] and st.st_mtime_ns == seen[3]:
             os.utime(path)  # now: newer than what was made from it
             revealed.append(path)

@@ -119,8 +119,8 @@ class Stage:
 INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
 TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", *INFER_CODE)
 # Everything that decides an export bundle's numbers: the export stage depends on it and its
-# manifest records each file's git blob id (hcd.gitrev), so the record is itself reproducible.
-BUNDLE_CODE = (*TRAIN_CODE, "stages/predict", "stages/ensemble", "model/combine", "stages/export", "model/bundle", "gitrev")
+# manifest records each file's git blob id (hcd.digests), so the record is itself reproducible.
+BUNDLE_CODE = (*TRAIN_CODE, "stages/predict", "stages/ensemble", "model/combine", "stages/export", "model/bundle", "digests")
 
 
 def code_files(*modules: str) -> tuple[str, ...]:

@@ -22,9 +22,9 @@ import torch
 
 from hcd import env
 from hcd.atomic import Commit, clean_stale_temps, read_json
+from hcd.digests import file_sha256, git_blob_ids
 from hcd.errors import HcdError
-from hcd.gitrev import git_blob_ids
-from hcd.model.bundle import FORMAT, MANIFEST, export_onnx, model_files, sha256
+from hcd.model.bundle import FORMAT, MANIFEST, export_onnx, model_files
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params, load_params
 from hcd.pipeline.table import BUNDLE_CODE, EXPORT_PARAMS, code_files
@@ -67,9 +67,9 @@ def export(params: Params, models_dir: Path, ensemble_json: Path, out: Path, log
             "backbones": backbones,
             "params": chosen,
             "params_sha256": hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest(),
-            "code": git_blob_ids(list(code_files(*BUNDLE_CODE))),  # git blob ids: `git log --find-object=ID` (not HEAD: hcd.gitrev)
+            "code": git_blob_ids(list(code_files(*BUNDLE_CODE))),  # git blob ids: `git log --find-object=ID` (not HEAD: hcd.digests)
             "environment": env.environment(),
-            "files": {f: sha256(folder / f) for f in files},
+            "files": {f: file_sha256(folder / f) for f in files},
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"export: {out}/ ({len(files)} files; `hcd infer {out} PATCHES… --out predictions.csv`)")

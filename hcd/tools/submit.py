@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from hcd.digests import git_revision
 from hcd.errors import HcdError
-from hcd.gitrev import git_revision
 from hcd.kaggleapi import authenticated_api, request_error, require_credentials
 from hcd.pipeline.params import load_params
 from hcd.stages.ensemble import validate_submission

@@ -1,5 +1,7 @@
-"""Git identities recorded with results.
+"""Content and revision ids recorded with results.
 
+- :func:`file_sha256`: a file's sha256, streamed (bundle files, pipeline files whose
+  content hcd.pipeline.freshness watches).
 - :func:`git_revision`: HEAD, for a Kaggle submission's message (what was submitted).
 - :func:`git_blob_ids`: each source file's git blob id (what ``git hash-object`` prints),
   for the export manifest. Not a commit: results are committed *after* they are made
@@ -10,8 +12,7 @@
   files (which the export stage declares as dependencies), and ``git log
   --find-object=<id>`` names the commits that hold each one.
 
-Its own module so that ``hcd submit`` does not import the export stage (and with it
-torch and timm) for one ``git rev-parse``.
+Standard library only: ``hcd submit`` and the Snakefile import it without torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def git_revision(cwd: Path = Path(".")) -> str | None:
