@@ -39,9 +39,14 @@ BACKBONES = PARAMS.backbones
 # A file rewritten in place with its old mtime put back looks unchanged to Snakemake:
 # hcd finds it by its ctime and content and sets its mtime to now (hcd.pipeline.freshness),
 # before the DAG is built, and records what the jobs wrote when the run ends (below).
-if workflow.is_main_process:
-    for _path in reveal_hidden_edits(pipeline_files(BACKBONES)):
-        print(f"hcd: {_path}: content changed with its mtime kept; mtime set to now, so what was made from it reruns", file=sys.stderr)
+def record_contents():
+    # Only the workflow main process: the jobs of a cluster run each read this Snakefile too
+    if workflow.is_main_process:
+        for path in reveal_hidden_edits(pipeline_files(BACKBONES)):
+            print(f"hcd: {path}: content changed with its mtime kept; mtime set to now, so what was made from it reruns", file=sys.stderr)
+
+
+record_contents()
 
 
 def outputs(name):
@@ -103,8 +108,8 @@ report: "workflow/report/workflow.rst"
 
 
 onsuccess:
-    reveal_hidden_edits(pipeline_files(BACKBONES))
+    record_contents()
 
 
 onerror:
-    reveal_hidden_edits(pipeline_files(BACKBONES))
+    record_contents()

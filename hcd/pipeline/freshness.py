@@ -56,11 +56,13 @@ def reveal_hidden_edits(paths: Iterable[str], record: Path = RECORD) -> list[str
         if not stat.S_ISREG(st.st_mode):
             continue
         seen = old.get(path)
-        if isinstance(seen, list) and len(seen) == 5 and seen[:3] == [st.st_ctime_ns, st.st_size, st.st_ino]:
+        if not (isinstance(seen, list) and len(seen) == 5):
+            seen = None  # first sight (or a damaged record): hash and record
+        if seen and seen[:3] == [st.st_ctime_ns, st.st_size, st.st_ino]:
             new[path] = seen  # not written since: nothing to hash
             continue
         digest = file_sha256(path)
-        if isinstance(seen, list) and len(seen) == 5 and digest != seen[4] and st.st_mtime_ns == seen[3]:
+        if seen and digest != seen[4] and st.st_mtime_ns == seen[3]:
             os.utime(path)  # now: newer than what was made from it
             revealed.append(path)
             st = os.stat(path)
