@@ -21,12 +21,17 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+_BLOCK = 8 << 20  # bytes per read
+
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of the whole file, streamed through one reused 8 MiB buffer (packed arrays run to gigabytes)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

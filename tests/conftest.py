@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = DemoParams(n_train=160, n_test=24, n_slides=12, seed=3)
 
 
+def with_model_entries(raw: dict) -> dict:
+    """``raw`` with an empty ``models`` entry for each listed backbone that has none: a params file holds
+    one per backbone (hcd.pipeline.params.missing_model_entry)."""
+    entries = {b: {} for b in raw.get("backbones", []) if isinstance(b, str)}
+    return {**raw, "models": entries | dict(raw.get("models") or {})}
+
+
 @pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("demo") / "hcd.zip"

@@ -36,7 +36,7 @@ def bundle(tmp_path_factory):
     p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 48, "patience": 0}, "predict": {"tta": 2}})
     train("cnn", p, root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", root / "models/cnn", root / "live", log=lambda m: None)
     (root / "ensemble.json").write_text(json.dumps(FIT))
-    export(p, root / "models", root / "ensemble.json", root / "export", log=lambda m: None)
+    export(p, {"cnn": root / "models/cnn"}, root / "ensemble.json", root / "export", log=lambda m: None)
     return root
 
 

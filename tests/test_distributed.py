@@ -106,7 +106,7 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def ddp_ws(tmp_path_factory):
     ws = training_arrays(tmp_path_factory.mktemp("ddp"), 192, learnable=True)
-    (ws / "params.yaml").write_text(yaml.safe_dump({"backbones": ["cnn"], "train": {"epochs": 2, "batch_size": 32, "crop": 48, "patience": 0, "processes": 2}}))
+    (ws / "params.yaml").write_text(yaml.safe_dump({"backbones": ["cnn"], "models": {"cnn": {}}, "train": {"epochs": 2, "batch_size": 32, "crop": 48, "patience": 0, "processes": 2}}))
     return ws
 
 

@@ -256,6 +256,23 @@ def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines)
     assert all(queued[p] != h for p, h in lock_outs(dvc_root).items() if p.startswith("models/")), "the queue reran nothing"
 
 
+def test_one_backbones_override_plans_only_that_backbones_training(engines):
+    """``models.resnet10t.lr`` is read by train@resnet10t alone: DVC finds only that training (and the params
+    check) out of date, Snakemake plans only what follows from it; cnn's model is not retrained by either."""
+    dvc_root, snake_root, _, _ = engines
+    kept = {root: (root / "params.yaml").read_text() for root in (dvc_root, snake_root)}
+    try:
+        for root in (dvc_root, snake_root):
+            set_params(root, models={"resnet10t": {"lr": 0.0007}})
+        status = json.loads(sh(dvc_root, "dvc", "status", "--json"))
+        assert set(status) == {"check", "train@resnet10t"}, status
+        assert snakemake_would_run(snake_root) == {"check", "train@resnet10t", "predict@resnet10t", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
+    finally:
+        for root, text in kept.items():
+            (root / "params.yaml").write_text(text)
+    assert snakemake_would_run(snake_root) == set()
+
+
 def test_a_predict_param_reruns_predict_ensemble_metrics_only(engines):
     """DVC reruns exactly these stages; Snakemake plans exactly the same ones (its dry run; the two engines'
     outputs after a params change are compared by the split and folds tests)."""
@@ -317,9 +334,14 @@ def test_dvc_metrics_and_plots_read_the_outputs(engines, tmp_path):
     assert len(out.splitlines()[0].split()) <= 20, "a few columns, not a hundred"
     narrow = sh(dvc_root, "dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", "Experiment|lr$|[^.:/]*\\.auc$")  # the README's line
     assert "cnn.auc" in narrow and "ensemble.auc" in narrow and max(len(line) for line in narrow.splitlines()) <= 80
-    plots = sh(dvc_root, "dvc", "plots", "show", "--json")
-    for name in ("plots/roc.json", "plots/confusion.json", "dvclive/cnn/plots/metrics", "report/training.png", "explain/cnn/grids/random.png"):
+    plots = json.loads(sh(dvc_root, "dvc", "plots", "show", "--json"))["data"]
+    for name in ("plots/roc.json", "plots/confusion.json", "report/training.png", "explain/cnn/grids/random.png"):
         assert name in plots, name
+    for b in TINY["backbones"]:  # each curve its own chart, titled with the backbone and what it shows, against the epoch
+        for what in ("training loss", "validation loss", "validation AUC"):
+            (chart,) = plots[f"{b} — {what}"]
+            assert chart["content"]["encoding"]["x"]["title"] == "epoch" and chart["content"]["title"]["text"] == f"{b} — {what}"
+            assert min(int(r["step"]) for r in chart["content"]["data"]["values"]) == 1
 
 
 def test_snakemake_trained_both_backbones_at_once_and_matched_dvc(engines):

@@ -36,6 +36,7 @@ from hcd.pipeline.table import STAGES
 
 PARAMS = {
     "backbones": ["cnn"],
+    "models": {"cnn": {}},
     "data": {"source": "demo", "demo": {"n_train": 240, "n_test": 30, "n_slides": 12}},
     "train": {"epochs": 3, "batch_size": 32, "crop": 48, "patience": 0},
     "predict": {"tta": 2, "batch_size": 64},

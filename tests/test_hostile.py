@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, hexid, make_archive, training_arrays
+from conftest import REPO, hexid, make_archive, training_arrays, with_model_entries
 
 from hcd.errors import HcdError, excerpt
 from hcd.pipeline.params import Params, load_params
@@ -47,8 +47,13 @@ def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
     return err
 
 
+def packed_args(folder: Path) -> list[str]:
+    """The scan's four packed-output arguments, all in ``folder``."""
+    return [w for name in ("train_x.npy", "train_index.csv", "test_x.npy", "test_index.csv") for w in (f"--{name.split('.')[0].replace('_', '-')}", str(folder / name))]
+
+
 def write_params(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(with_model_entries(raw)))
     return path
 
 
@@ -125,6 +130,33 @@ def test_params_flags_validates_exactly_as_apply(tmp_path):
     one_line_error(hcd("params", "flags", str(spaced), cwd=tmp_path), "white space", "hcd params apply")
     ok = hcd("params", "flags", str(REPO / "configs/notebook-A.yaml"), cwd=tmp_path)
     assert ok.returncode == 0 and ok.stdout.startswith("-S ")
+
+
+def test_an_overlay_that_changes_the_backbones_changes_the_models_entries_alike_through_apply_and_dvc(tmp_path):
+    """A params file holds one models entry per backbone. `hcd params apply` adds the new backbones' entries and
+    drops the old ones; `dvc exp run $(hcd params flags …)` (real DVC, on a one-stage pipeline tracking
+    models.<name> per backbone as train does) ends on the same params."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("backbones: [resnet10t, resnet18]\nmodels: {resnet18: {lr: 0.001}}\n")
+    applied = tmp_path / "applied"
+    applied.mkdir()
+    (applied / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert hcd("params", "apply", str(overlay), cwd=applied).returncode == 0
+    want = yaml.safe_load((applied / "params.yaml").read_text())
+    assert want["backbones"] == ["resnet10t", "resnet18"] and want["models"] == {"resnet10t": {}, "resnet18": {"lr": 0.001}}
+    flags = hcd("params", "flags", str(overlay), cwd=REPO).stdout.split()
+    assert flags[:4] == ["-S", "~models.cnn", "-S", "++backbones=[\"resnet10t\",\"resnet18\"]"], flags
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (ws / "dvc.yaml").write_text("stages:\n  t:\n    foreach: ${backbones}\n    do:\n      cmd: echo ${item} > ${item}.txt\n      params:\n      - models.${item}\n      outs:\n      - ${item}.txt\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"], ["dvc", "exp", "run", *flags]):
+        proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (cmd, proc.stdout[-1500:], proc.stderr[-1500:])
+    got = yaml.safe_load((ws / "params.yaml").read_text())
+    assert got == want
+    assert sorted(p.name for p in ws.glob("*.txt")) == ["resnet10t.txt", "resnet18.txt"]
 
 
 # ----------------------------------------------------------------------------- 3: the Kaggle key
@@ -294,7 +326,7 @@ def kaggle_dir(tmp_path, small_set):
 
 
 def _scan(src: Path, out: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return hcd("scan", str(src), "--report", str(out / "report.csv"), "--summary", str(out / "scan.json"), "--packed-dir", str(out / "packed"), "--params", str(REPO / "params.yaml"), cwd=out.parent, timeout=timeout)
+    return hcd("scan", str(src), "--report", str(out / "report.csv"), "--summary", str(out / "scan.json"), *packed_args(out / "packed"), "--params", str(REPO / "params.yaml"), cwd=out.parent, timeout=timeout)
 
 
 @pytest.mark.parametrize("where", ["train_labels.csv", "sample_submission.csv", "train", "patch"])
@@ -595,7 +627,7 @@ def test_sigterm_removes_every_temporary_and_keeps_the_previous_outputs(tmp_path
     out.mkdir()
     assert _scan(tiny_archive, out).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = subprocess.Popen([*PY, "scan", str(tiny_archive), "--report", str(out / "report.csv"), "--summary", str(out / "scan.json"), "--packed-dir", str(out / "packed"), "--params", str(REPO / "params.yaml")], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*PY, "scan", str(tiny_archive), "--report", str(out / "report.csv"), "--summary", str(out / "scan.json"), *packed_args(out / "packed"), "--params", str(REPO / "params.yaml")], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "packed").glob(".*.tmp-*")):
         time.sleep(0.01)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import REPO, training_arrays
 
 from hcd.data.batches import PackedBatches, Preprocess
@@ -115,6 +116,10 @@ def test_fold_models_each_use_their_own_training_side_stats(folded):
     curves = json.loads((root / "live/metrics.json").read_text())
     assert set(curves) >= {"fold0", "fold1", "fold2", "fold2/best/epoch", "best/val_auc_mean"} and curves["fold2"]["val"]["auc"] > 0.5
     assert (root / "live/plots/metrics/fold1/val/auc.tsv").read_text().splitlines()[1].split("\t")[0] == "1"  # each fold's curve starts at epoch 1
+    charts = yaml.safe_load((root / "live/dvc.yaml").read_text())["plots"]  # what `dvc plots show` draws: a line per fold in each chart
+    assert [next(iter(c)) for c in charts] == [f"cnn — {w}, one line per fold ({K})" for w in ("training loss", "validation loss", "validation AUC")]
+    assert list(charts[2].values())[0]["y"] == {f"plots/metrics/fold{k}/val/auc.tsv": "auc" for k in range(K)}
+    assert all((root / "live" / f).exists() for c in charts for f in list(c.values())[0]["y"])
     assert not list((root / "model").glob("checkpoint*"))
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+from types import SimpleNamespace
 
 import yaml
 from conftest import REPO
 
 from hcd.pipeline.params import load_params
-from hcd.pipeline.table import CHECKED, SNAKEMAKE_LOG_SUFFIX, STAGES, render_dvc_yaml, snakemake_params
+from hcd.pipeline.table import CHECKED, ITEM, SNAKEMAKE_LOG_SUFFIX, STAGES, render_dvc_yaml, snakemake_params
 
 
 def dvc_stages() -> dict:
@@ -82,14 +83,24 @@ def test_both_engines_have_the_same_stages_commands_inputs_and_outputs():
 
 
 def test_both_engines_track_the_same_params():
-    """DVC's params: keys and the Snakemake params: values come from one list per stage."""
+    """DVC's params: keys and the Snakemake params: values come from one list per stage; a per-backbone
+    key (train's ``models.{item}``) is each backbone's own entry in both."""
     params = load_params(REPO / "params.yaml")
     jobs = dvc_jobs()
     for stage in STAGES:
         names = [n for n in jobs if n.split("@")[0] == stage.name]
         for n in names:
-            assert jobs[n]["params"] == sorted(stage.params), n
-        assert set(snakemake_params(params, stage)) == {k.replace(".", "__") for k in stage.params}
+            own = [k.replace(ITEM, n.partition("@")[2]) for k in stage.params]
+            assert jobs[n]["params"] == sorted(own), n
+        values = snakemake_params(params, stage)
+        assert set(values) == {k.replace(ITEM, "item").replace(".", "__") for k in stage.params}
+        for key, value in values.items():
+            if callable(value):  # evaluated per job, with the job's backbone
+                assert key == "models__item" and stage.per_backbone
+                for b in params.backbones:
+                    assert value(SimpleNamespace(backbone=b)) == params.models[b].model_dump(mode="json")
+    train = next(s for s in STAGES if s.name == "train")
+    assert "models" not in train.params, "each backbone's training reads its own models entry, not every backbone's"
 
 
 def test_every_declared_input_exists_or_is_produced():
@@ -150,3 +161,21 @@ def test_every_module_a_stage_runs_is_a_code_dependency_of_it():
                 todo += _hcd_imports(REPO / f)
         missing = seen - set(stage.deps) - NOT_DEPS - ({"hcd/env.py"} if stage.name == "metrics" else set())
         assert not missing, f"{stage.name} runs {sorted(missing)} but does not depend on it (hcd/pipeline/table.py)"
+
+
+def test_a_model_folders_files_are_the_ones_the_table_declares(tmp_path):
+    """train writes, and predict, explain and export read, a model *folder* (``models/<b>``): its files are the
+    model format of hcd.model.weights. The table declares those same files as train's outputs and the readers' inputs."""
+    import torch
+
+    from hcd.atomic import Commit
+    from hcd.model.weights import save_model
+
+    with Commit() as commit:
+        save_model(tmp_path / "m", {"w": torch.zeros(1)}, {"backbone": "cnn"}, commit)
+    written = sorted(p.name for p in (tmp_path / "m").iterdir())
+    stages = {s.name: s for s in STAGES}
+    assert sorted(o.rsplit("/", 1)[1] for o in stages["train"].outs) == written
+    for reader in ("predict", "explain"):
+        assert sorted(d.rsplit("/", 1)[1] for d in stages[reader].deps if d.startswith(f"models/{ITEM}/")) == written, reader
+    assert sorted(g.rsplit("/", 1)[1] for g in stages["export"].gather) == written

@@ -35,24 +35,13 @@ from typing import Any
 import torch
 
 from hcd.atomic import atomic_path
+from hcd.digests import file_sha256
 from hcd.errors import HcdError
 from hcd.pipeline.table import TRAIN_CODE
 
 FORMAT = 2  # 2: full-content key with threads and versions
 NAME = "checkpoint.pt"
 CODE = TRAIN_CODE  # modules whose code decides the weights (the train stage's code dependencies)
-_BLOCK = 8 << 20  # bytes per read while hashing
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of the whole file, streamed (one 8 MiB buffer reused)."""
-    h = hashlib.sha256()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def device_identity(device: torch.device) -> dict[str, Any]:
@@ -72,9 +61,9 @@ def run_key(settings: dict[str, Any], packed: Path, small_inputs: list[Path]) ->
         "format": FORMAT,
         "settings": settings,
         "environment": env.environment(),  # the record model.json keeps: versions and CPU
-        "code": {m: file_digest(code_dir / f"{m}.py") for m in CODE},
-        "inputs": {p.name: file_digest(p) for p in small_inputs},
-        "packed": file_digest(packed),
+        "code": {m: file_sha256(code_dir / f"{m}.py") for m in CODE},
+        "inputs": {p.name: file_sha256(p) for p in small_inputs},
+        "packed": file_sha256(packed),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

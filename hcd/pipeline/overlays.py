@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
 
 from hcd.atomic import atomic_path
 from hcd.errors import HcdError, excerpt
-from hcd.pipeline.params import Params, _format_error
+from hcd.pipeline.params import Params, _format_error, missing_model_entry
 
 OVERLAY_META = "description"  # an overlay's own note, not a params key
 
@@ -61,23 +62,51 @@ def flatten(over: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def merged(overlay: Path, params: Path) -> str:
-    """``params`` with ``overlay`` merged in (comments kept), validated exactly as the stages validate it."""
+def _entries_changed(doc: Any, over: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The ``models`` entries an overlay that sets ``backbones`` adds (``{}``, nothing overridden) and drops:
+    a params file holds one entry per backbone (hcd.pipeline.params.missing_model_entry)."""
+    if not isinstance(over.get("backbones"), list) or not isinstance(doc.get("models", {}), dict):
+        return [], []
+    models = doc.get("models") or {}
+    listed = [b for b in over["backbones"] if isinstance(b, str)]
+    return [b for b in listed if b not in models], [m for m in models if m not in listed]
+
+
+def _load(params: Path) -> Any:
     rt = YAML()
     rt.preserve_quotes = True
     try:
-        doc = rt.load(params.read_text())
+        return rt, rt.load(params.read_text())
     except FileNotFoundError:
         raise HcdError(f"{params}: file not found (run from the repository root)") from None
-    _merge(doc, read_overlay(overlay))
+
+
+def merged(overlay: Path, params: Path) -> str:
+    """``params`` with ``overlay`` merged in (comments kept), validated exactly as the stages validate it.
+    An overlay that sets ``backbones`` also sets which ``models`` entries exist: kept backbones keep theirs."""
+    rt, doc = _load(params)
+    over = read_overlay(overlay)
+    added, dropped = _entries_changed(doc, over)
+    _merge(doc, over)
+    if added or dropped:
+        models = doc.get("models") or CommentedMap()
+        for name in dropped:
+            del models[name]
+        for name in added:
+            models.setdefault(name, CommentedMap())
+        doc["models"] = models
     buf = io.StringIO()
     rt.dump(doc, buf)
     from pydantic import ValidationError
 
+    raw = yaml.safe_load(buf.getvalue())
     try:
-        Params.model_validate(yaml.safe_load(buf.getvalue()))
+        Params.model_validate(raw)
     except ValidationError as err:
         raise HcdError(_format_error(overlay, err)) from None
+    problem = missing_model_entry(raw)
+    if problem:
+        raise HcdError(f"{overlay}: {problem}")
     return buf.getvalue()
 
 
@@ -95,10 +124,14 @@ _UNSAFE_WORD = re.compile(r"[\s*?]")
 def flags(overlay: Path, params: Path) -> str:
     """``-S key=value`` flags for ``dvc exp run``, after the same validation as :func:`apply`."""
     merged(overlay, params)  # refuses what apply would refuse: a bad name never reaches DVC
-    out = []
-    for key, value in flatten(read_overlay(overlay)):
+    over = read_overlay(overlay)
+    added, dropped = _entries_changed(_load(params)[1], over)
+    items = flatten(over) + [(f"models.{b}", {}) for b in added if b not in (over.get("models") or {})]
+    # `++key=value` sets a key whether or not params.yaml has it yet; `~key` removes one
+    out = [w for name in dropped for w in ("-S", f"~models.{name}")]
+    for key, value in items:
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-        word = f"{key}={text}"
+        word = f"++{key}={text}"
         if _UNSAFE_WORD.search(word):
             raise HcdError(f"{overlay}: {key}: {excerpt(text)} holds white space or a glob character, which `dvc exp run $(hcd params flags …)` would split or expand; use `hcd params apply {overlay}` instead")
         out += ["-S", word]

@@ -21,6 +21,7 @@ from hcd.errors import HcdError, excerpt
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+DEFAULT_BACKBONES = ["cnn", "resnet10t"]
 SEED_MAX = 2**32 - 1  # numpy's seeds stop here; torch's at 2**64 - 1
 GROUPS_DIR = "data/groups"  # where split.groups files live: a declared input of split in both engines
 # A backbone name becomes a stage name (train@<name>), a command-line word and a folder
@@ -163,7 +164,7 @@ class MetricsParams(_Strict):
 class Params(_Strict):
     seed: Seed = 42
     lr: float = Field(3e-3, gt=0.0, le=10.0)  # top level so `dvc exp run -S lr=1e-3` works; models.<name>.lr overrides
-    backbones: list[str] = Field(["cnn", "resnet10t"], max_length=64)
+    backbones: list[str] = Field(DEFAULT_BACKBONES, max_length=64)
     data: DataParams = DataParams()
     scan: ScanParams = ScanParams()
     split: SplitParams = SplitParams()
@@ -173,6 +174,17 @@ class Params(_Strict):
     ensemble: EnsembleParams = EnsembleParams()
     metrics: MetricsParams = MetricsParams()
     explain: ExplainParams = ExplainParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_entry_per_backbone(cls, data: Any) -> Any:
+        """Every listed backbone has a ``models`` entry, empty when the input gives none (a params *file* that
+        lists backbones must give them: :func:`missing_model_entry`)."""
+        backbones = data.get("backbones", DEFAULT_BACKBONES) if isinstance(data, dict) else None
+        if isinstance(backbones, list) and isinstance(data.get("models") or {}, dict):
+            given = data.get("models") or {}
+            data = {**data, "models": {**{b: {} for b in backbones if isinstance(b, str) and b not in given}, **given}}
+        return data
 
     @model_validator(mode="after")
     def _backbones(self) -> "Params":
@@ -247,9 +259,26 @@ def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:
     if not isinstance(raw, dict):
         raise HcdError(f"{path}: expected a mapping of keys at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise HcdError(_format_error(path, err) + _undo_hint(path)) from None
+    problem = missing_model_entry(raw)
+    if problem:
+        raise HcdError(f"{path}: {problem}{_undo_hint(path)}")
+    return params
+
+
+def missing_model_entry(raw: dict[str, Any]) -> str | None:
+    """A params file that lists ``backbones`` gives each an entry under ``models`` (``cnn: {}`` when nothing
+    is overridden): each backbone's train stage depends on ``models.<name>`` alone, so tuning one backbone
+    retrains no other, and DVC refuses a declared params key the file lacks. (A file without ``backbones``,
+    one for a single tool, gets the defaults, and their entries, from the schema.)"""
+    models = raw.get("models") or {}
+    for name in raw.get("backbones") or []:
+        if name not in models:
+            return (f"models: backbone {name!r} has no entry; add `{name}: {{}}` under models "
+                    f"(with dvc exp run: -S '++models.{name}={{}}'): each backbone's training depends on its own entry alone")
+    return None
 
 
 def _undo_hint(path: Path) -> str:

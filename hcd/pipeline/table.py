@@ -41,17 +41,20 @@ GROUPS_DIR = "data/groups"
 METRICS = "metrics"  # small JSON metrics, kept in git so `dvc metrics diff` compares commits
 PREDICTIONS = "predictions"
 PLOTS = "plots"
+ROC, PRC, CONFUSION = (f"{PLOTS}/{name}.json" for name in ("roc", "prc", "confusion"))  # the metrics stage's curves: top-level DVC plots
+ENSEMBLE_VAL = "results/ensemble/val.csv"  # the ensemble's held-out predictions
+ENSEMBLE_FIT = "results/ensemble/ensemble.json"  # its method and the stacker's weights (hcd infer, the export bundle)
 SUBMISSION = "results/submission.csv"
 EXPORT = "export"  # the ONNX bundle (hcd infer reads it)
 REPORT = "report"  # figures for people (snakemake --report, dvc plots show)
-REPORT_FIGURES = ("scan", "split", "training", "roc", "auc", "confusion")  # hcd.stages.report writes report/<name>.png
+REPORT_FIGURES = ("scan", "split", "training", "roc", "auc", "confusion")  # report/<name>.png: the name picks what hcd.stages.report draws
 EXPORT_PARAMS = ("seed", "lr", "backbones", "data", "scan", "split", "train", "models", "predict", "ensemble")  # recorded in its manifest
 ITEM = "{item}"  # the backbone, in per-backbone stages
 LOGS = "logs"  # Snakemake's per-job log files (git- and DVC-ignored)
 SNAKEMAKE_LOG_SUFFIX = " 2>&1 | tee {log}"  # the stage's output to the terminal and to its log (bash runs with pipefail)
 
 HEADER = """\
-# Generated from hcd/pipeline.py by `hcd pipeline write` — do not edit by hand.
+# Generated from hcd/pipeline/table.py by `hcd pipeline write` — do not edit by hand.
 # The Snakefile is built from the same table; tests/test_pipeline.py fails when they disagree.
 """
 
@@ -100,7 +103,7 @@ class Stage:
         sub = (lambda s: s.replace(ITEM, "${item}")) if self.per_backbone else (lambda s: s)
         d: dict[str, Any] = {"cmd": sub(self.cmd), "deps": [sub(x) for x in [*self.inputs, *self.gather_dirs()]]}
         if self.params:
-            d["params"] = list(self.params)
+            d["params"] = [sub(k) for k in self.params]
         outs: list[Any] = [sub(o) for o in self.outs] + [{sub(o): {"cache": False}} for o in self.uncached]
         if outs:
             d["outs"] = outs
@@ -117,10 +120,15 @@ class Stage:
 # training checkpoint's run key (hcd.checkpoint) hashes them.
 # Inference code (model loading, preprocessing, TTA) is shared by predict and train's validation pass.
 INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
-TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", *INFER_CODE)
+TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", "digests", *INFER_CODE)
 # Everything that decides an export bundle's numbers: the export stage depends on it and its
 # manifest records each file's git blob id (hcd.digests), so the record is itself reproducible.
-BUNDLE_CODE = (*TRAIN_CODE, "stages/predict", "stages/ensemble", "model/combine", "stages/export", "model/bundle", "digests")
+BUNDLE_CODE = (*TRAIN_CODE, "stages/predict", "stages/ensemble", "model/combine", "stages/export", "model/bundle")
+
+
+def per_backbone(pattern: str, backbones: list[str]) -> dict[str, Path]:
+    """A gathering stage's ``--val predictions/{item}/val.csv``: each backbone's own path."""
+    return {b: Path(pattern.replace(ITEM, b)) for b in backbones}
 
 
 def code_files(*modules: str) -> tuple[str, ...]:
@@ -155,7 +163,7 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="scan",
         script="workflow/scripts/scan.py",
-        args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--packed-dir", PACKED),
+        args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--test-x", f"{PACKED}/test_x.npy", "--test-index", f"{PACKED}/test_index.csv"),
         deps=(RAW, *code_files("stages/scan", "data/source", "data/tiff", "data/packed", "data/tables", "env")),
         outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
         uncached=(f"{METRICS}/scan.json",),  # in git, beside the metrics; not a DVC metric (dozens of counts)
@@ -189,8 +197,8 @@ STAGES: tuple[Stage, ...] = _gated((
         deps=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{SPLIT}/split.csv", STATS, *code_files(*TRAIN_CODE)),
         outs=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         metrics=(f"dvclive/{ITEM}/metrics.json",),
-        plots=((f"dvclive/{ITEM}/plots/metrics", {"x": "step", "x_label": "epoch", "title": f"{ITEM}: training curves (with folds, one per fold)"}),),
-        params=("seed", "lr", "train", "models"),
+        uncached=(f"dvclive/{ITEM}/plots/metrics",),  # drawn by `dvc plots show` as dvclive/<b>/dvc.yaml says (written by the run: it knows the folds)
+        params=("seed", "lr", "train", f"models.{ITEM}"),  # its own entry only: tuning one backbone retrains no other
         per_backbone=True,
         dirs=(f"dvclive/{ITEM}/plots/metrics",),
         threads="all",
@@ -226,29 +234,28 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="ensemble",
         script="workflow/scripts/ensemble.py",
-        args=("--predictions", PREDICTIONS, "--test-index", f"{PACKED}/test_index.csv", "--out-dir", "results/ensemble", "--submission", SUBMISSION),
+        args=("--val", f"{PREDICTIONS}/{ITEM}/val.csv", "--test", f"{PREDICTIONS}/{ITEM}/test.csv", "--test-index", f"{PACKED}/test_index.csv", "--val-out", ENSEMBLE_VAL, "--fit-out", ENSEMBLE_FIT, "--submission", SUBMISSION),
         deps=(f"{PACKED}/test_index.csv", *code_files("stages/ensemble", "model/combine")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
-        outs=("results/ensemble/val.csv", "results/ensemble/ensemble.json", SUBMISSION),
+        outs=(ENSEMBLE_VAL, ENSEMBLE_FIT, SUBMISSION),
         params=("backbones", "ensemble", "seed"),
         memory=(1000, 2.0),  # prediction tables
     ),
     Stage(
         name="metrics",
         script="workflow/scripts/metrics.py",
-        args=("--predictions", PREDICTIONS, "--ensemble", "results/ensemble/val.csv", "--out", f"{METRICS}/metrics.json", "--summary", f"{METRICS}/summary.json", "--plots", PLOTS),
-        deps=("results/ensemble/val.csv", *code_files("stages/metrics", "scoring", "data/tables", "summary")),
+        args=("--val", f"{PREDICTIONS}/{ITEM}/val.csv", "--ensemble", ENSEMBLE_VAL, "--out", f"{METRICS}/metrics.json", "--summary", f"{METRICS}/summary.json", "--roc", ROC, "--prc", PRC, "--confusion", CONFUSION),
+        deps=(ENSEMBLE_VAL, *code_files("stages/metrics", "scoring", "data/tables", "summary")),
         gather=(f"{PREDICTIONS}/{ITEM}/val.csv",),
-        uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", PLOTS),
+        uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", ROC, PRC, CONFUSION),
         params=("backbones", "metrics"),
-        dirs=(PLOTS,),
         memory=(1000, 2.0),  # prediction tables, bootstrap
     ),
     Stage(
         name="report",
         script="workflow/scripts/report.py",
-        args=("--scan", f"{METRICS}/scan.json", "--scan-report", f"{SCAN}/report.csv", "--raw", RAW, "--split", f"{METRICS}/split.json", "--models", "models", "--metrics", f"{METRICS}/metrics.json", "--plots", PLOTS, "--ensemble", "results/ensemble/val.csv", "--out", REPORT),
-        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", PLOTS, "results/ensemble/val.csv", *code_files("stages/report", "data/source", "data/tiff")),
+        args=("--scan", f"{METRICS}/scan.json", "--scan-report", f"{SCAN}/report.csv", "--raw", RAW, "--split", f"{METRICS}/split.json", "--model-json", f"models/{ITEM}/model.json", "--metrics", f"{METRICS}/metrics.json", "--roc", ROC, "--prc", PRC, "--ensemble", ENSEMBLE_VAL, "--figures", *(f"{REPORT}/{f}.png" for f in REPORT_FIGURES)),
+        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", ROC, PRC, ENSEMBLE_VAL, *code_files("stages/report", "data/source", "data/tiff")),
         gather=(f"models/{ITEM}/model.json",),
         plots=tuple((f"{REPORT}/{f}.png", {"cache": True}) for f in REPORT_FIGURES),  # images: `dvc plots show` puts them on its page
         params=("backbones",),
@@ -258,8 +265,8 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="export",
         script="workflow/scripts/export.py",
-        args=("--models", "models", "--ensemble", "results/ensemble/ensemble.json", "--out", EXPORT),
-        deps=("results/ensemble/ensemble.json", *code_files(*BUNDLE_CODE)),
+        args=("--model-dir", f"models/{ITEM}", "--ensemble", ENSEMBLE_FIT, "--out", EXPORT),
+        deps=(ENSEMBLE_FIT, *code_files(*BUNDLE_CODE)),
         gather=(f"models/{ITEM}/model.safetensors", f"models/{ITEM}/model.json"),
         outs=(EXPORT,),
         params=EXPORT_PARAMS,
@@ -275,9 +282,9 @@ STAGES: tuple[Stage, ...] = _gated((
 TOP_METRICS = (f"{METRICS}/summary.json",)
 TOP_PLOTS = (
     # one chart each, a line per backbone and the ensemble (the template colours by the records' `model`)
-    {f"{PLOTS}/roc.json": {"x": "fpr", "y": "tpr", "template": "workflow/plots/lines_by_model.json", "title": "ROC, held-out patches", "x_label": "false positive rate", "y_label": "true positive rate"}},
-    {f"{PLOTS}/prc.json": {"x": "recall", "y": "precision", "template": "workflow/plots/lines_by_model.json", "title": "Precision-recall, held-out patches", "x_label": "recall", "y_label": "precision"}},
-    {f"{PLOTS}/confusion.json": {"x": "actual", "y": "predicted", "template": "confusion", "title": "Confusion at 0.5 (ensemble)"}},
+    {ROC: {"x": "fpr", "y": "tpr", "template": "workflow/plots/lines_by_model.json", "title": "ROC, held-out patches", "x_label": "false positive rate", "y_label": "true positive rate"}},
+    {PRC: {"x": "recall", "y": "precision", "template": "workflow/plots/lines_by_model.json", "title": "Precision-recall, held-out patches", "x_label": "recall", "y_label": "precision"}},
+    {CONFUSION: {"x": "actual", "y": "predicted", "template": "confusion", "title": "Confusion at 0.5 (ensemble)"}},
 )
 
 
@@ -301,8 +308,16 @@ def final_outputs(backbones: list[str], stages: tuple[Stage, ...] = STAGES) -> l
 
 
 def snakemake_params(params: Params, stage: Stage) -> dict[str, Any]:
-    """The values of the keys a stage reads, as Snakemake ``params:`` (rerun when they change)."""
-    return {key.replace(".", "__"): lookup(params, key) for key in stage.params}
+    """The values of the keys a stage reads, as Snakemake ``params:`` (rerun when they change).
+    A per-backbone key (``models.{item}``) is a function of the job's backbone, so each job sees its own entry."""
+    out: dict[str, Any] = {}
+    for key in stage.params:
+        name = key.replace(ITEM, "item").replace(".", "__")
+        if ITEM in key:
+            out[name] = lambda wildcards, key=key: lookup(params, key.replace(ITEM, wildcards.backbone))
+        else:
+            out[name] = lookup(params, key)
+    return out
 
 
 MEMORY_INPUT_CAP_MB = 4096  # inputs count up to HCD_IN_MEMORY_BYTES' default: above it hcd memory-maps instead of loading
@@ -325,9 +340,10 @@ def wildcard(path: str) -> str:
 
 
 def snakemake_command(stage: Stage):
-    """The stage's command for one job: a string, or for per-backbone stages a function of the job's wildcards."""
+    """The stage's command for one job, as a function of its wildcards: Snakemake would expand a params
+    *string* itself, and a gathering stage's command holds ``{item}`` for the stage to fill in per backbone."""
     if not stage.per_backbone:
-        return stage.cmd
+        return lambda wildcards: stage.cmd
     return lambda wildcards: stage.cmd.replace(ITEM, wildcards.backbone)
 
 
@@ -375,4 +391,4 @@ def main(argv: list[str] | None = None) -> None:
             tmp.write_text(text)
         print(f"wrote {path}", file=sys.stderr)
     elif not path.exists() or path.read_text() != text:
-        raise HcdError(f"{path}: out of date with hcd/pipeline.py — run `hcd pipeline write`")
+        raise HcdError(f"{path}: out of date with hcd/pipeline/table.py — run `hcd pipeline write`")

@@ -30,6 +30,7 @@ from hcd.atomic import Commit, clean_stale_temps
 from hcd.errors import HcdError, excerpt
 from hcd.model.combine import rank_mean, stack_logits
 from hcd.pipeline.params import load_params
+from hcd.pipeline.table import per_backbone
 
 
 def combine(method: str, val: np.ndarray, test: np.ndarray, y_val: np.ndarray, seed: int = 0, fold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict | None]:
@@ -71,21 +72,23 @@ def validate_submission(sub: pd.DataFrame, expected_ids: list[str], where: str) 
         raise HcdError(f"{where}: labels must be probabilities in [0, 1] (found {p.min():.3g} .. {p.max():.3g})")
 
 
-def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str, out_dir: Path, submission: Path, seed: int, log=print) -> dict:
+def ensemble(val_files: dict[str, Path], test_files: dict[str, Path], test_index: Path, method: str, val_out: Path, fit_out: Path, submission: Path, seed: int, log=print) -> dict:
+    """``val_files``/``test_files``: each backbone's predictions, in params.yaml's order."""
+    backbones = list(val_files)
     vals, tests = [], []
     for b in backbones:
         try:
-            vals.append(pd.read_csv(pred_dir / b / "val.csv", dtype={"id": str}))
-            tests.append(pd.read_csv(pred_dir / b / "test.csv", dtype={"id": str}))
+            vals.append(pd.read_csv(val_files[b], dtype={"id": str}))
+            tests.append(pd.read_csv(test_files[b], dtype={"id": str}))
         except FileNotFoundError as exc:
             raise HcdError(f"{exc.filename}: not found (run predict for {b})") from None
     for b, v, t in zip(backbones, vals, tests):
         if not (v["id"].equals(vals[0]["id"]) and t["id"].equals(tests[0]["id"])):
-            raise HcdError(f"{pred_dir / b}: predictions are for other ids than {backbones[0]}'s (rerun predict)")
+            raise HcdError(f"{val_files[b]}: predictions are for other ids than {backbones[0]}'s (rerun predict)")
     folded = "fold" in vals[0].columns
     for b, v in zip(backbones, vals):
         if ("fold" in v.columns) != folded or (folded and not v["fold"].equals(vals[0]["fold"])):
-            raise HcdError(f"{pred_dir / b / 'val.csv'}: other folds than {backbones[0]}'s (rerun train and predict after split)")
+            raise HcdError(f"{val_files[b]}: other folds than {backbones[0]}'s (rerun train and predict after split)")
     y = vals[0]["label"].to_numpy()
     fold = vals[0]["fold"].to_numpy() if folded else None
     pv = np.stack([v["prob"].to_numpy() for v in vals], 1)
@@ -97,22 +100,24 @@ def ensemble(backbones: list[str], pred_dir: Path, test_index: Path, method: str
     # the stacker's weights (on each backbone's logit) and intercept: hcd infer and the export bundle apply them
     info = {"method": method, "backbones": backbones, **(fit or {"weights": None, "intercept": None})}
     with Commit() as commit:
-        commit.csv(out_dir / "val.csv", pd.DataFrame({"id": vals[0]["id"], "label": y, **({"fold": fold} if folded else {}), "prob": cv}))
+        commit.csv(val_out, pd.DataFrame({"id": vals[0]["id"], "label": y, **({"fold": fold} if folded else {}), "prob": cv}))
         commit.csv(submission, sub)
-        commit.json(out_dir / "ensemble.json", info)
+        commit.json(fit_out, info)
     log(f"ensemble: {method} of {', '.join(backbones)} -> {submission} ({len(sub)} rows)")
     return info
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd ensemble", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", required=True, help="folder of per-backbone predictions, <backbone>/val.csv and test.csv (predictions)")
+    ap.add_argument("--val", required=True, help="each backbone's held-out predictions, {item} standing for its name (predictions/{item}/val.csv)")
+    ap.add_argument("--test", required=True, help="each backbone's test predictions (predictions/{item}/test.csv)")
     ap.add_argument("--test-index", required=True, help="test ids in sample_submission order (data/packed/test_index.csv)")
-    ap.add_argument("--out-dir", required=True, help="folder for the ensemble's val.csv and ensemble.json (results/ensemble)")
+    ap.add_argument("--val-out", required=True, help="the ensemble's held-out predictions (results/ensemble/val.csv)")
+    ap.add_argument("--fit-out", required=True, help="the method and the stacker's weights (results/ensemble/ensemble.json)")
     ap.add_argument("--submission", required=True, help="the Kaggle file to write (results/submission.csv)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, ensemble.*, seed)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    out = Path(args.out_dir)
-    clean_stale_temps(out / "val.csv", out / "ensemble.json", args.submission)
-    ensemble(p.backbones, Path(args.predictions), Path(args.test_index), p.ensemble.method, out, Path(args.submission), p.seed, log=lambda m: print(m, file=sys.stderr))
+    clean_stale_temps(args.val_out, args.fit_out, args.submission)
+    vals, tests = per_backbone(args.val, p.backbones), per_backbone(args.test, p.backbones)
+    ensemble(vals, tests, Path(args.test_index), p.ensemble.method, Path(args.val_out), Path(args.fit_out), Path(args.submission), p.seed, log=lambda m: print(m, file=sys.stderr))

@@ -27,7 +27,7 @@ from hcd.errors import HcdError
 from hcd.model.bundle import FORMAT, MANIFEST, export_onnx, model_files
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params, load_params
-from hcd.pipeline.table import BUNDLE_CODE, EXPORT_PARAMS, code_files
+from hcd.pipeline.table import BUNDLE_CODE, EXPORT_PARAMS, code_files, per_backbone
 
 
 def export_backbone(name: str, model_dir: Path, dest: Path) -> dict:
@@ -44,7 +44,8 @@ def export_backbone(name: str, model_dir: Path, dest: Path) -> dict:
     return {"name": name, "crop": meta["crop"], "upscale": meta["upscale"], "input_size": size, "models": entries}
 
 
-def export(params: Params, models_dir: Path, ensemble_json: Path, out: Path, log=print) -> dict:
+def export(params: Params, model_dirs: dict[str, Path], ensemble_json: Path, out: Path, log=print) -> dict:
+    """``model_dirs``: each backbone's trained model folder (models/<backbone>)."""
     ens = read_json(ensemble_json)
     if ens.get("backbones") != params.backbones:
         raise HcdError(f"{ensemble_json}: made for backbones {ens.get('backbones')}, params.yaml has {params.backbones} (rerun ensemble)")
@@ -54,7 +55,7 @@ def export(params: Params, models_dir: Path, ensemble_json: Path, out: Path, log
         backbones = []
         for b in params.backbones:
             (folder / b).mkdir(parents=True)
-            backbones.append(export_backbone(b, models_dir / b, folder / b))
+            backbones.append(export_backbone(b, model_dirs[b], folder / b))
             log(f"export {b}: {len(backbones[-1]['models'])} ONNX model(s), input {backbones[-1]['input_size']} px")
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         manifest = {
@@ -78,10 +79,11 @@ def export(params: Params, models_dir: Path, ensemble_json: Path, out: Path, log
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd export", description=__doc__.splitlines()[0])
-    ap.add_argument("--models", required=True, help="folder of trained models, <backbone>/model.safetensors and model.json (models)")
+    ap.add_argument("--model-dir", required=True, help="each backbone's trained model, {item} standing for its name (models/{item})")
     ap.add_argument("--ensemble", required=True, help="the fitted ensemble (results/ensemble/ensemble.json)")
     ap.add_argument("--out", required=True, help="the bundle folder to write (export)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = ap.parse_args(argv)
     clean_stale_temps(args.out)
-    export(load_params(args.params), Path(args.models), Path(args.ensemble), Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    params = load_params(args.params)
+    export(params, per_backbone(args.model_dir, params.backbones), Path(args.ensemble), Path(args.out), log=lambda m: print(m, file=sys.stderr))

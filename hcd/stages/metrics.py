@@ -30,6 +30,7 @@ from hcd import env
 from hcd.atomic import Commit, clean_stale_temps
 from hcd.errors import HcdError
 from hcd.pipeline.params import load_params
+from hcd.pipeline.table import per_backbone
 from hcd.scoring import score
 
 MAX_CURVE_POINTS = 400  # plots stay small enough for git
@@ -42,9 +43,11 @@ def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[keep]
 
 
-def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_out: Path, summary_out: Path, plots_dir: Path, n_boot: int, seed: int, log=print) -> dict:
-    sources = {b: pred_dir / b / "val.csv" for b in backbones}
-    sources["ensemble"] = ensemble_val
+def evaluate(val_files: dict[str, Path], ensemble_val: Path, metrics_out: Path, summary_out: Path, curve_files: dict[str, Path], n_boot: int, seed: int, log=print) -> dict:
+    """``val_files``: each backbone's held-out predictions, in params.yaml's order; ``curve_files``: where
+    the ``roc``, ``prc`` and ``confusion`` data go."""
+    backbones = list(val_files)
+    sources = {**val_files, "ensemble": ensemble_val}
     out: dict = {}
     curves: dict[str, dict] = {}
     for name, path in sources.items():
@@ -58,11 +61,11 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
             out[name]["folds"] = fold_spread(y, p, frame["fold"].to_numpy())
         fpr, tpr, _ = roc_curve(y, p)
         prec, rec, _ = precision_recall_curve(y, p)
-        curves.setdefault("roc.json", {"roc": []})["roc"] += _thin(pd.DataFrame({"model": name, "fpr": fpr, "tpr": tpr})).assign(order=lambda f: range(len(f))).to_dict("records")
-        curves.setdefault("prc.json", {"prc": []})["prc"] += _thin(pd.DataFrame({"model": name, "recall": rec, "precision": prec})).assign(order=lambda f: range(len(f))).to_dict("records")
+        curves.setdefault("roc", {"roc": []})["roc"] += _thin(pd.DataFrame({"model": name, "fpr": fpr, "tpr": tpr})).assign(order=lambda f: range(len(f))).to_dict("records")
+        curves.setdefault("prc", {"prc": []})["prc"] += _thin(pd.DataFrame({"model": name, "recall": rec, "precision": prec})).assign(order=lambda f: range(len(f))).to_dict("records")
         if name == "ensemble":
             pred = (p >= 0.5).astype(int)
-            curves["confusion.json"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}
+            curves["confusion"] = {"confusion": [{"actual": int(a), "predicted": int(b)} for a, b in zip(y, pred)]}
         m = out[name]
         if "folds" in m:
             log(f"metrics {name}: out-of-fold; AUC per fold {', '.join(f'{a:.4f}' for a in m['folds']['auc'])} (std {m['folds']['std']:.4f})")
@@ -70,11 +73,9 @@ def evaluate(backbones: list[str], pred_dir: Path, ensemble_val: Path, metrics_o
     best = max(backbones, key=lambda b: out[b]["auc"])
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
     out["environment"] = env.environment()  # the versions behind these numbers (each model.json has its training's)
-    with Commit() as commit:  # the plots folder is rebuilt whole: no curve of a removed backbone lingers
-        folder = commit.dir(plots_dir)
-        for rel, obj in curves.items():  # plain writes: a failure names the plots folder, which stays as it was
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_text(json.dumps(obj, indent=2) + "\n")
+    with Commit() as commit:  # all five files or none
+        for name, obj in curves.items():
+            commit.path(curve_files[name]).write_text(json.dumps(obj, indent=2) + "\n")
         commit.json(metrics_out, out)
         commit.json(summary_out, {name: summary_entry(out[name]) for name in [*backbones, "ensemble"]})
     return out
@@ -96,16 +97,19 @@ def summary_entry(m: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hcd metrics", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", required=True, help="folder of per-backbone predictions, <backbone>/val.csv (predictions)")
+    ap.add_argument("--val", required=True, help="each backbone's held-out predictions, {item} standing for its name (predictions/{item}/val.csv)")
     ap.add_argument("--ensemble", required=True, help="the ensemble's validation predictions (results/ensemble/val.csv)")
     ap.add_argument("--out", required=True, help="every metric, per backbone and for the ensemble (metrics/metrics.json)")
     ap.add_argument("--summary", required=True, help="AUC and 95 %% interval per backbone and ensemble: the DVC metric (metrics/summary.json)")
-    ap.add_argument("--plots", required=True, help="folder for ROC, precision-recall and confusion data (plots)")
+    ap.add_argument("--roc", required=True, help="ROC curve of each backbone and the ensemble: a DVC plot (plots/roc.json)")
+    ap.add_argument("--prc", required=True, help="precision-recall curves (plots/prc.json)")
+    ap.add_argument("--confusion", required=True, help="the ensemble's predictions at 0.5 against the labels (plots/confusion.json)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, metrics.*)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    clean_stale_temps(args.out, args.summary, args.plots)
-    evaluate(p.backbones, Path(args.predictions), Path(args.ensemble), Path(args.out), Path(args.summary), Path(args.plots), p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
+    curve_files = {"roc": Path(args.roc), "prc": Path(args.prc), "confusion": Path(args.confusion)}
+    clean_stale_temps(args.out, args.summary, *curve_files.values())
+    evaluate(per_backbone(args.val, p.backbones), Path(args.ensemble), Path(args.out), Path(args.summary), curve_files, p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
     from hcd.summary import summary_lines  # the run's last words: what came out, and where
 
     print("\n".join(["", "hcd: this run's results", *summary_lines()]), file=sys.stderr)

@@ -28,6 +28,7 @@ from hcd.data.tiff import PatchError, decode_patch
 from hcd.errors import HcdError
 from hcd.pipeline.params import load_params
 from hcd.pipeline.table import REPORT_FIGURES as FIGURES
+from hcd.pipeline.table import per_backbone
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
@@ -184,27 +185,29 @@ def confusion_figure(path: Path, ens: pd.DataFrame, youden: float) -> None:
     _save(fig, path)
 
 
-def report(backbones: list[str], scan_json: Path, scan_report: Path, raw: Path, split_json: Path, models: Path, metrics_json: Path, plots: Path, ensemble_val: Path, out: Path, log=print) -> list[Path]:
+def report(model_jsons: dict[str, Path], scan_json: Path, scan_report: Path, raw: Path, split_json: Path, metrics_json: Path, roc_json: Path, prc_json: Path, ensemble_val: Path, figures: dict[str, Path], log=print) -> list[Path]:
+    """``model_jsons``: each backbone's model.json, in params.yaml's order; ``figures``: where each of FIGURES goes."""
+    backbones = list(model_jsons)
     metrics = read_json(metrics_json)
-    metas = {b: read_json(models / b / "model.json") for b in backbones}
+    metas = {b: read_json(path) for b, path in model_jsons.items()}
     names = [*backbones, "ensemble"]
     try:
-        roc = pd.DataFrame(json.loads((plots / "roc.json").read_text())["roc"])
-        prc = pd.DataFrame(json.loads((plots / "prc.json").read_text())["prc"])
+        roc = pd.DataFrame(json.loads(roc_json.read_text())["roc"])
+        prc = pd.DataFrame(json.loads(prc_json.read_text())["prc"])
     except FileNotFoundError as exc:
         raise HcdError(f"{exc.filename}: not found (run metrics first)") from None
     curves = {n: (roc[roc["model"] == n], prc[prc["model"] == n]) for n in names}
     written = []
     with Commit() as commit:
-        paths = {f: commit.path(out / f"{f}.png") for f in FIGURES}
+        paths = {f: commit.path(figures[f]) for f in FIGURES}
         scan_figure(paths["scan"], read_json(scan_json), pd.read_csv(scan_report, dtype={"id": str}), raw)
         split_figure(paths["split"], read_json(split_json))
         training_figure(paths["training"], metas)
         roc_figure(paths["roc"], curves, metrics)
         auc_figure(paths["auc"], names, metrics)
         confusion_figure(paths["confusion"], pd.read_csv(ensemble_val, dtype={"id": str}), metrics["ensemble"]["at_youden"]["threshold"])
-        written = [out / f"{f}.png" for f in FIGURES]
-    log(f"report: {len(written)} figures in {out}/ (snakemake --report report.html puts them on one page)")
+        written = [figures[f] for f in FIGURES]
+    log(f"report: {len(written)} figures in {', '.join(sorted({str(p.parent) for p in written}))}/ (snakemake --report report.html puts them on one page)")
     return written
 
 
@@ -214,14 +217,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scan-report", required=True, help="flagged patches (data/scan/report.csv)")
     ap.add_argument("--raw", required=True, help="the archive, for pictures of flagged patches (data/raw/hcd.zip)")
     ap.add_argument("--split", required=True, help="split balance (metrics/split.json)")
-    ap.add_argument("--models", required=True, help="folder of models, <backbone>/model.json holds the curves (models)")
+    ap.add_argument("--model-json", required=True, help="each backbone's model.json (the training curves), {item} standing for its name (models/{item}/model.json)")
     ap.add_argument("--metrics", required=True, help="every metric (metrics/metrics.json)")
-    ap.add_argument("--plots", required=True, help="ROC and precision-recall data (plots)")
+    ap.add_argument("--roc", required=True, help="ROC data (plots/roc.json)")
+    ap.add_argument("--prc", required=True, help="precision-recall data (plots/prc.json)")
     ap.add_argument("--ensemble", required=True, help="the ensemble's held-out predictions (results/ensemble/val.csv)")
-    ap.add_argument("--out", required=True, help="folder for the figures (report)")
+    ap.add_argument("--figures", required=True, nargs="+", help=f"the figures to write, each named after what it shows: {', '.join(f'<dir>/{f}.png' for f in FIGURES)} (report/scan.png …)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    clean_stale_temps(*(out / f"{f}.png" for f in FIGURES))
+    figures = {Path(f).stem: Path(f) for f in args.figures}
+    if sorted(figures) != sorted(FIGURES) or len(args.figures) != len(FIGURES):
+        raise HcdError(f"--figures: expected one .png each named {', '.join(FIGURES)}; got {', '.join(args.figures)}")
+    clean_stale_temps(*figures.values())
     backbones = load_params(args.params).backbones
-    report(backbones, Path(args.scan), Path(args.scan_report), Path(args.raw), Path(args.split), Path(args.models), Path(args.metrics), Path(args.plots), Path(args.ensemble), out, log=lambda m: print(m, file=sys.stderr))
+    report(per_backbone(args.model_json, backbones), Path(args.scan), Path(args.scan_report), Path(args.raw), Path(args.split), Path(args.metrics), Path(args.roc), Path(args.prc), Path(args.ensemble), figures, log=lambda m: print(m, file=sys.stderr))

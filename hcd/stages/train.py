@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from hcd import env
@@ -260,8 +261,10 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
             fit_all(backbone, cfg, lr, seed, inputs, device, ranks, key, out_dir, _NoLive(), _quiet)
             return {}
         with Commit() as commit:  # curves and model files appear together, only when training has finished
-            with Live(str(commit.dir(live_dir)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            curves = commit.dir(live_dir)
+            with Live(str(curves), save_dvc_exp=False, dvcyaml=None, report=None) as live:
                 runs = fit_all(backbone, cfg, lr, seed, inputs, device, ranks, key, out_dir, live, log)
+            (curves / "dvc.yaml").write_text(curve_plots(backbone, folds))
             meta = model_meta(backbone, cfg, lr, seed, device, runs)
             state = runs[0][1].best["state"] if folds == 1 else {f"fold{i}.{k}": v for i, (_, prog) in enumerate(runs) for k, v in prog.best["state"].items()}
             save_model(out_dir, state, meta, commit)
@@ -321,7 +324,7 @@ def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: to
     head |= {
         "device": device.type,
         "lr": lr,
-        "train": cfg.model_dump(mode="json", exclude=_DEFAULTS_LEFT_OUT(cfg)),  # a plain run's file stays as before these keys existed
+        "train": cfg.model_dump(mode="json", exclude=_defaults_left_out(cfg)),  # a plain run's file stays as before these keys existed
         "seed": seed,
     }
     if len(runs) == 1:
@@ -330,7 +333,7 @@ def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: to
     return head
 
 
-def _DEFAULTS_LEFT_OUT(cfg: TrainParams) -> set[str]:  # noqa: N802 - reads as the set it is
+def _defaults_left_out(cfg: TrainParams) -> set[str]:
     """Keys added later, left out of model.json at their defaults, so earlier runs' files stay byte-identical."""
     out = set()
     if not cfg.max_steps:
@@ -338,6 +341,22 @@ def _DEFAULTS_LEFT_OUT(cfg: TrainParams) -> set[str]:  # noqa: N802 - reads as t
     if cfg.processes == 1:
         out |= {"processes", "sync_bn"}
     return out
+
+
+CURVES = (("train/loss", "training loss", "loss (BCE)"), ("val/loss", "validation loss", "loss (BCE)"), ("val/auc", "validation AUC", "AUC"))
+
+
+def curve_plots(backbone: str, folds: int) -> str:
+    """``dvclive/<backbone>/dvc.yaml``: how ``dvc plots show`` draws this run's curves, one chart per curve titled
+    with the backbone and what it shows, against the epoch; with folds a line per fold in each chart. Written by
+    the run because only the run knows its folds (DVC forbids a dvc.yaml as a declared output)."""
+    tags = [f"fold{k}/" for k in range(folds)] if folds > 1 else [""]
+    charts = []
+    for metric, what, unit in CURVES:
+        title = f"{backbone} — {what}" + (f", one line per fold ({folds})" if folds > 1 else "")
+        files = {f"plots/metrics/{tag}{metric}.tsv": metric.rsplit("/", 1)[1] for tag in tags}
+        charts.append({title: {"x": "step", "y": files, "x_label": "epoch", "y_label": unit}})
+    return "# written by the train stage (hcd/stages/train.py): the charts of `dvc plots show`\n" + yaml.safe_dump({"plots": charts}, sort_keys=False, allow_unicode=True)
 
 
 def _log_epoch(live, rec: dict, tag: str = "") -> None:

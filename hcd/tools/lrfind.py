@@ -135,8 +135,9 @@ def lr_find(backbone: str, params: Params, root: Path, out_dir: Path, wds: list[
         commit.csv(out_dir / f"{backbone}.csv", curves)
         commit.json(out_dir / f"{backbone}.json", result)
         plot(commit.path(out_dir / f"{backbone}.png"), backbone, curves, picks)
-    key = "lr" if params.backbones == [backbone] else f"models.{backbone}.lr"
-    flags = f"-S {key}={picks[best_wd]:.2g}" + (f" -S train.weight_decay={best_wd:g}" if len(wds) > 1 else "")
+    # one backbone: the shared keys; several: its own entry (`++` sets a key params.yaml does not hold yet)
+    lr_key, wd_key = ("lr", "train.weight_decay") if params.backbones == [backbone] else (f"++models.{backbone}.lr", f"++models.{backbone}.weight_decay")
+    flags = f"-S {lr_key}={picks[best_wd]:.2g}" + (f" -S {wd_key}={best_wd:g}" if len(wds) > 1 else "")
     log(f"lr-find {backbone}: suggested lr {picks[best_wd]:.2g} (steepest descent of the smoothed loss" + (f", weight decay {best_wd:g}" if len(wds) > 1 else "") + f"); curves in {out_dir}/{backbone}.png")
     log(f"lr-find {backbone}: to use it: dvc exp run {flags}")
     return result
