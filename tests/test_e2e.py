@@ -257,15 +257,16 @@ def test_three_queued_experiments_on_two_workers_each_equal_a_run_alone(engines)
 
 
 def test_one_backbones_override_plans_only_that_backbones_training(engines):
-    """``models.resnet10t.lr`` is read by train@resnet10t alone: DVC finds only that training (and the params
-    check) out of date, Snakemake plans only what follows from it; cnn's model is not retrained by either."""
+    """``models.resnet10t.lr`` is read by train@resnet10t alone: DVC finds only that training out of date (with
+    the params check, and export, whose manifest records every params key that made the models), Snakemake plans
+    only what follows from it; cnn's model is not retrained by either."""
     dvc_root, snake_root, _, _ = engines
     kept = {root: (root / "params.yaml").read_text() for root in (dvc_root, snake_root)}
     try:
         for root in (dvc_root, snake_root):
             set_params(root, models={"resnet10t": {"lr": 0.0007}})
         status = json.loads(sh(dvc_root, "dvc", "status", "--json"))
-        assert set(status) == {"check", "train@resnet10t"}, status
+        assert set(status) == {"check", "train@resnet10t", "export"}, status
         assert snakemake_would_run(snake_root) == {"check", "train@resnet10t", "predict@resnet10t", "explain@resnet10t", "ensemble", "metrics", "report", "export"}
     finally:
         for root, text in kept.items():
