@@ -207,7 +207,7 @@ def full_size_memory(work: Path, steps: int) -> dict:
     side = np.where(np.arange(n) % 10 == 0, "val", "train")
     pd.DataFrame({"row": np.arange(n), "id": ids, "label": y, "side": side}).to_csv(work / "split.csv", index=False)
     (work / "stats.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
-    (work / "params.yaml").write_text(f"backbones: [cnn]\ntrain: {{epochs: 1, batch_size: 128, patience: 0, max_steps: {steps}}}\n")
+    (work / "params.yaml").write_text(f"backbones: [cnn]\nmodels: {{cnn: {{}}}}\ntrain: {{epochs: 1, batch_size: 128, patience: 0, max_steps: {steps}}}\n")
     cmd = [sys.executable, str(REPO / "workflow/scripts/train.py"), "cnn", "--packed", "train_x.npy", "--index", "index.csv", "--split", "split.csv", "--stats", "stats.json", "--out-dir", "m", "--live-dir", "live"]
     from bench_data import run_measuring_memory
 
