@@ -49,6 +49,13 @@ def test_validating_params_imports_no_torch():
     assert out.stdout.strip() == "False False", out.stdout + out.stderr
 
 
+def test_the_model_stages_import_timm_only_to_build_a_timm_backbone():
+    """timm brings torchvision: 2 of the 5-7 s a train/predict/explain/export start took. A cnn-only job skips it."""
+    code = "import sys, hcd.stages.train, hcd.stages.predict, hcd.stages.explain, hcd.stages.export; from hcd.model.factory import build_model; build_model('cnn'); print('timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("module", [*STAGE_MODULES.values(), "hcd.scoring", "hcd.pipeline.overlays", "hcd.pipeline.table"])
 def test_every_option_of_every_command_has_help(module, monkeypatch):
     import argparse

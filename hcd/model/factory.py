@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -49,7 +48,11 @@ class SmallCNN(nn.Module):
 
 
 def known(name: str) -> bool:
-    return name in CUSTOM or timm.is_model(name)
+    if name in CUSTOM:
+        return True
+    import timm  # with torchvision, 2 of a stage's 5-7 s of imports: only for timm backbones
+
+    return timm.is_model(name)
 
 
 def build_model(name: str, pretrained: bool | str = False) -> nn.Module:
@@ -59,6 +62,8 @@ def build_model(name: str, pretrained: bool | str = False) -> nn.Module:
         if pretrained and not isinstance(pretrained, str):
             raise HcdError("train.pretrained: the custom 'cnn' has no pretrained weights (use a local file or false)")
     else:
+        import timm  # only for timm backbones (see known)
+
         if not timm.is_model(name):
             raise HcdError(f"backbones: unknown backbone {name!r} (any timm model name, or 'cnn')")
         hub = pretrained is True
