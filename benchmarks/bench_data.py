@@ -157,8 +157,9 @@ def run_measuring_memory(cmd: list[str], cwd: Path, env: dict | None = None) -> 
 
 
 def peak_memory(archive: Path, work: Path, workers: int) -> dict:
-    packed = [w for name in ("train_x.npy", "train_index.csv", "test_x.npy", "test_index.csv") for w in (f"--{name.split('.')[0].replace('_', '-')}", str(work / "packed" / name))]
-    cmd = [sys.executable, "-m", "hcd", "scan", str(archive), "--report", str(work / "report.csv"), "--summary", str(work / "scan.json"), *packed, "--workers", str(workers)]
+    from hcd.pipeline.table import packed_args
+
+    cmd = [sys.executable, "-m", "hcd", "scan", str(archive), "--report", str(work / "report.csv"), "--summary", str(work / "scan.json"), *packed_args(work / "packed"), "--workers", str(workers)]
     run = run_measuring_memory(cmd, Path(__file__).resolve().parents[1])
     peak_pss, peak_rss_parent, elapsed = run["peak_pss"], run["peak_rss_main"], run["seconds"]
     packed = sum((work / "packed" / f).stat().st_size for f in ("train_x.npy", "test_x.npy"))

@@ -30,6 +30,7 @@ from conftest import REPO, bomb_header, encode_patch, hexid, make_archive, patch
 from conftest import tiff_bytes as tiff
 
 from hcd.cli import main as hcd
+from hcd.pipeline.table import packed_args
 
 BAD = hexid(2)  # the train patch a case damages
 GOOD_TRAIN = [hexid(i) for i in range(6)]
@@ -197,7 +198,7 @@ def test_bad_input(tmp_path, monkeypatch, capsys, name, build, outcome, expect):
         path.write_bytes(data)
     arc = build(Kit(tmp_path))
     before = sorted(p.name for p in tmp_path.parent.iterdir())
-    argv = ["scan", str(arc), "--report", "data/scan/report.csv", "--summary", "metrics/scan.json", "--train-x", "data/packed/train_x.npy", "--train-index", "data/packed/train_index.csv", "--test-x", "data/packed/test_x.npy", "--test-index", "data/packed/test_index.csv", "--workers", "1"]
+    argv = ["scan", str(arc), "--report", "data/scan/report.csv", "--summary", "metrics/scan.json", *packed_args("data/packed"), "--workers", "1"]
     code = 0
     try:
         hcd(argv)

@@ -27,6 +27,7 @@ from conftest import REPO, hexid, make_archive, training_arrays, with_model_entr
 
 from hcd.errors import HcdError, excerpt
 from hcd.pipeline.params import Params, load_params
+from hcd.pipeline.table import packed_args
 
 PY = [sys.executable, "-m", "hcd"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HCD_THREADS": "1", "HCD_WORKERS": "1"}
@@ -45,11 +46,6 @@ def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
     for w in words:
         assert w in err, (w, err)
     return err
-
-
-def packed_args(folder: Path) -> list[str]:
-    """The scan's four packed-output arguments, all in ``folder``."""
-    return [w for name in ("train_x.npy", "train_index.csv", "test_x.npy", "test_index.csv") for w in (f"--{name.split('.')[0].replace('_', '-')}", str(folder / name))]
 
 
 def write_params(path: Path, raw: dict) -> Path:

@@ -72,19 +72,20 @@ def _entries_changed(doc: Any, over: dict[str, Any]) -> tuple[list[str], list[st
     return [b for b in listed if b not in models], [m for m in models if m not in listed]
 
 
-def _load(params: Path) -> Any:
-    rt = YAML()
-    rt.preserve_quotes = True
-    try:
-        return rt, rt.load(params.read_text())
-    except FileNotFoundError:
-        raise HcdError(f"{params}: file not found (run from the repository root)") from None
-
-
 def merged(overlay: Path, params: Path) -> str:
     """``params`` with ``overlay`` merged in (comments kept), validated exactly as the stages validate it.
     An overlay that sets ``backbones`` also sets which ``models`` entries exist: kept backbones keep theirs."""
-    rt, doc = _load(params)
+    return _merge_checked(overlay, params)[0]
+
+
+def _merge_checked(overlay: Path, params: Path) -> tuple[str, dict[str, Any], list[str], list[str]]:
+    """The merged text, the overlay, and the ``models`` entries the merge added and dropped."""
+    rt = YAML()
+    rt.preserve_quotes = True
+    try:
+        doc = rt.load(params.read_text())
+    except FileNotFoundError:
+        raise HcdError(f"{params}: file not found (run from the repository root)") from None
     over = read_overlay(overlay)
     added, dropped = _entries_changed(doc, over)
     _merge(doc, over)
@@ -107,7 +108,7 @@ def merged(overlay: Path, params: Path) -> str:
     problem = missing_model_entry(raw)
     if problem:
         raise HcdError(f"{overlay}: {problem}")
-    return buf.getvalue()
+    return buf.getvalue(), over, added, dropped
 
 
 def apply(overlay: Path, params: Path) -> None:
@@ -123,9 +124,7 @@ _UNSAFE_WORD = re.compile(r"[\s*?]")
 
 def flags(overlay: Path, params: Path) -> str:
     """``-S key=value`` flags for ``dvc exp run``, after the same validation as :func:`apply`."""
-    merged(overlay, params)  # refuses what apply would refuse: a bad name never reaches DVC
-    over = read_overlay(overlay)
-    added, dropped = _entries_changed(_load(params)[1], over)
+    _, over, added, dropped = _merge_checked(overlay, params)  # refuses what apply would refuse: a bad name never reaches DVC
     items = flatten(over) + [(f"models.{b}", {}) for b in added if b not in (over.get("models") or {})]
     # `++key=value` sets a key whether or not params.yaml has it yet; `~key` removes one
     out = [w for name in dropped for w in ("-S", f"~models.{name}")]

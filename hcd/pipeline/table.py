@@ -131,6 +131,14 @@ def per_backbone(pattern: str, backbones: list[str]) -> dict[str, Path]:
     return {b: Path(pattern.replace(ITEM, b)) for b in backbones}
 
 
+PACKED_FILES = ("train_x.npy", "train_index.csv", "test_x.npy", "test_index.csv")  # what scan packs
+
+
+def packed_args(folder: str | Path) -> list[str]:
+    """The scan's packed outputs as its arguments, ``--train-x <folder>/train_x.npy`` and so on."""
+    return [w for name in PACKED_FILES for w in (f"--{name.split('.')[0].replace('_', '-')}", str(Path(folder) / name))]
+
+
 def code_files(*modules: str) -> tuple[str, ...]:
     """Module names ("stages/train") as the repository paths DVC tracks ("hcd/stages/train.py")."""
     return tuple(f"hcd/{m}.py" for m in modules)
@@ -163,9 +171,9 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="scan",
         script="workflow/scripts/scan.py",
-        args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", "--train-x", f"{PACKED}/train_x.npy", "--train-index", f"{PACKED}/train_index.csv", "--test-x", f"{PACKED}/test_x.npy", "--test-index", f"{PACKED}/test_index.csv"),
+        args=(RAW, "--report", f"{SCAN}/report.csv", "--summary", f"{METRICS}/scan.json", *packed_args(PACKED)),
         deps=(RAW, *code_files("stages/scan", "data/source", "data/tiff", "data/packed", "data/tables", "env")),
-        outs=(f"{PACKED}/train_x.npy", f"{PACKED}/train_index.csv", f"{PACKED}/test_x.npy", f"{PACKED}/test_index.csv", f"{SCAN}/report.csv"),
+        outs=(*(f"{PACKED}/{name}" for name in PACKED_FILES), f"{SCAN}/report.csv"),
         uncached=(f"{METRICS}/scan.json",),  # in git, beside the metrics; not a DVC metric (dozens of counts)
         params=("scan",),
 
