@@ -113,3 +113,10 @@ def small_set():
 
 
 SCAN_DEFAULTS = ScanParams()
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end files first: with pytest-xdist (``-n``, ``--dist=loadfile`` in pyproject.toml) each of
+    them starts at once on a worker of its own while the other files go to whichever worker is free, instead
+    of starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
