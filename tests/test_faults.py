@@ -130,7 +130,8 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(re
     rng = random.Random(f"hcd-kill-{name}")
     landed = 0
     scale = 1.0  # the reference timing came from one run; when a kill misses (the machine got faster), aim earlier
-    for k in range(KILLS_PER_STAGE):
+    k = 0
+    while k < KILLS_PER_STAGE or (not landed and k < KILLS_PER_STAGE + 4):  # up to four more tries, earlier each time, until one lands
         ws = copy_of(reference, tmp_path / f"kill{k}")
         remove(ws, outs)
         delay = rng.uniform(0.25, 0.9) * seconds[name] * scale  # the first quarter is interpreter and torch start-up
@@ -146,8 +147,9 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(re
         assert snapshot(ws) == ref, f"{name}: rerun after a kill at {delay:.2f} s differs from the uninterrupted run"
         assert temporaries(ws) == []
         shutil.rmtree(ws)
+        k += 1
     assert landed >= 1, f"{name}: every kill came after the stage had finished; nothing was tested"
-    print(f"SIGKILL {name}: {landed} of {KILLS_PER_STAGE} kills landed mid-run; every rerun byte-identical")
+    print(f"SIGKILL {name}: {landed} of {k} kills landed mid-run; every rerun byte-identical")
 
 
 def test_training_killed_after_a_checkpoint_resumes_and_matches(reference, tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node SLURM on this machine, for tests/test_slurm.py and for trying profiles/slurm/.
+# A real single-node SLURM on this machine, for tests/test_e2e.py and for trying profiles/slurm/.
 #
 #   tests/cluster/slurm.sh start    install (Debian's slurm-wlm + munge) if needed, write a
 #                                   slurm.conf for this host, start munged, slurmctld, slurmd
