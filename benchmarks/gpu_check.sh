@@ -6,7 +6,8 @@
 #
 # 1. tests: the CUDA tests (tests/test_gpu.py: hot loop and TTA under sync-debug "error";
 #    tests/test_data_paths.py: GPU-resident = host = memory-mapped batches), then the unit suite
-#    without the engine tests (DVC and Snakemake are not installed there);           ~2 min
+#    without the engine tests (DVC and Snakemake are not installed there), in one process
+#    (-o addopts= drops pyproject's pytest-xdist options: the GPU image may lack it);      ~2 min
 # 2. benchmarks/bench_speed.py on the GPU: resnet18, efficientnet_b0, densenet169, seresnet50,
 #    hcd loop / bare step and TTA x8 / bare forward, patches/s, peak GPU memory;     ~3 min
 # 3. configs/gpu-speedrun.yaml on a generated dataset (HCD_GPU_N_TRAIN patches, default 100,000)
@@ -35,8 +36,8 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 
 start=$(date +%s)
 echo "== 1. tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py tests/test_gpuslots.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
+timeout 150 python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
+timeout 120 python3 -m pytest -o addopts= -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py tests/test_gpuslots.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
 
 echo "== 2. bench_speed"
 timeout 200 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
