@@ -46,7 +46,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM, Snakemake and `kill` send): unwinds like Ctrl-C, so temporaries are removed."""
 
 
+_STAGE_PID: int | None = None  # the process whose SIGTERM unwinds the stage (run_stage sets it)
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    """Unwind the stage. A process forked from it (the demo generator's pool, the scan's executor) inherits
+    this handler, but its pool ends it with SIGTERM and expects it gone: raised there at the wrong moment,
+    the exception left a task-queue lock taken and the stage waiting forever (seen once in the test suite:
+    the parent in Pool.terminate's join, a worker in SemLock.__enter__). A forked child ends as SIGTERM's
+    default would; it holds no temporaries of the stage's."""
+    if os.getpid() != _STAGE_PID:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
@@ -60,7 +72,9 @@ def run_stage(fn: Callable[[list[str] | None], None], name: str, argv: list[str]
     """
     from hcd.atomic import public_name, replay_journals, sweep_dead_temps
 
+    global _STAGE_PID
     if threading.current_thread() is threading.main_thread():
+        _STAGE_PID = os.getpid()
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asked_help = bool({"-h", "--help"} & set(sys.argv[1:] if argv is None else argv))

@@ -636,6 +636,30 @@ def test_sigterm_removes_every_temporary_and_keeps_the_previous_outputs(tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_process_forked_from_a_stage_ends_on_sigterm_instead_of_unwinding_the_stage():
+    """Pools end their workers with SIGTERM. A worker forked from a stage inherits its unwinding handler, which
+    once left the demo generator's queue lock taken and download hanging: in a forked child it now ends the
+    child as SIGTERM's default would (killed by the signal, not exit 3 after raising), the stage unaffected."""
+    code = (
+        "import os, signal, time\n"
+        "from hcd.cli import run_stage\n"
+        "def stage(argv):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        try:\n"
+        "            time.sleep(60)\n"
+        "        finally:\n"
+        "            os._exit(3)\n"
+        "    os.kill(pid, signal.SIGTERM)\n"
+        "    _, status = os.waitpid(pid, 0)\n"
+        "    print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else f'exit {os.WEXITSTATUS(status)}')\n"
+        "run_stage(stage, 'forking')\n"
+        "print('stage went on')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split("\n")[:2] == [str(int(signal.SIGTERM)), "stage went on"], proc.stdout + proc.stderr
+
+
 def test_a_temporary_of_a_dead_process_is_swept_at_any_stage_start(tmp_path):
     from hcd.atomic import sweep_dead_temps
 

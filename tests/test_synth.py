@@ -68,21 +68,3 @@ def test_parallel_rendering_writes_the_same_archive(tmp_path):
     write_archive(tmp_path / "one.zip", p, workers=1)
     write_archive(tmp_path / "two.zip", p, workers=2)
     assert (tmp_path / "one.zip").read_bytes() == (tmp_path / "two.zip").read_bytes()
-
-
-def test_a_pool_worker_ends_on_sigterm_instead_of_raising_in_the_stages_handler():
-    """Pool's exit SIGTERMs its workers; forked from a stage, they inherit hcd.cli's raising handler, which once
-    left the pool's queue lock taken and the download stage hanging. The initializer puts the default back."""
-    import signal
-
-    from hcd.cli import _on_sigterm
-    from hcd.data import synth
-
-    kept = signal.signal(signal.SIGTERM, _on_sigterm), signal.getsignal(signal.SIGINT)
-    try:
-        synth._init_worker(None)  # type: ignore[arg-type]
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGTERM, kept[0])
-        signal.signal(signal.SIGINT, kept[1])
-        synth._WORKER = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,14 +264,7 @@ _WORKER: _Renderer | None = None  # each pool worker's renderer, set once by the
 
 
 def _init_worker(renderer: _Renderer) -> None:
-    """A forked worker inherits the stage's SIGTERM handler (hcd.cli.run_stage), which raises to unwind. But
-    ``Pool``'s exit terminates its workers with SIGTERM, every time: raised in a worker at the wrong moment,
-    the exception left the task queue's lock taken and the other worker, and the stage, waiting forever
-    (seen once in the test suite). Workers hold no temporaries: SIGTERM ends them outright, as the pool
-    expects; Ctrl-C is the parent's to handle."""
     global _WORKER
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = renderer
 
 
