@@ -51,10 +51,11 @@ _STAGE_PID: int | None = None  # the process whose SIGTERM unwinds the stage (ru
 
 def _on_sigterm(signum: int, frame: object) -> None:
     """Unwind the stage. A process forked from it (the demo generator's pool, the scan's executor) inherits
-    this handler, but its pool ends it with SIGTERM and expects it gone: raised there at the wrong moment,
-    the exception left a task-queue lock taken and the stage waiting forever (seen once in the test suite:
-    the parent in Pool.terminate's join, a worker in SemLock.__enter__). A forked child ends as SIGTERM's
-    default would; it holds no temporaries of the stage's."""
+    this handler, but a pool that terminates its workers SIGTERMs them and expects them gone: raised there
+    at the wrong moment, the exception left a task-queue lock taken and the stage waiting forever (seen in
+    the test suite: the parent in Pool.terminate's join, a worker in SemLock.__enter__). A forked child ends
+    as SIGTERM's default would; it holds no temporaries of the stage's. (The generator's pool is now
+    terminated only on failure: see hcd.data.synth.write_archive.)"""
     if os.getpid() != _STAGE_PID:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

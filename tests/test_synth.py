@@ -7,8 +7,10 @@ import re
 import zipfile
 
 import pandas as pd
+import pytest
 from conftest import TINY
 
+from hcd.data import synth
 from hcd.data.synth import _all_slides, render, truth, write_archive
 from hcd.pipeline.params import DemoParams
 
@@ -68,3 +70,20 @@ def test_parallel_rendering_writes_the_same_archive(tmp_path):
     write_archive(tmp_path / "one.zip", p, workers=1)
     write_archive(tmp_path / "two.zip", p, workers=2)
     assert (tmp_path / "one.zip").read_bytes() == (tmp_path / "two.zip").read_bytes()
+
+
+def test_the_rendering_pool_ends_its_workers_without_a_signal(tmp_path, monkeypatch):
+    """A finished pool is closed, not terminated: terminate() SIGTERMs the workers, and one still starting
+    can lose that signal and hang the stage (hcd.data.synth.write_archive). A failed one is terminated."""
+    import multiprocessing.pool
+
+    calls = []
+    real = multiprocessing.pool.Pool.terminate
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda self: calls.append(self) or real(self))
+    write_archive(tmp_path / "ok.zip", DemoParams(n_train=300, n_test=40, n_slides=6, seed=5), workers=2)
+    assert calls == [], "the pool of a finished rendering was terminated (its workers SIGTERMed)"
+    member = synth._member
+    monkeypatch.setattr(synth, "_member", lambda name: member(name) if "/" not in name else 1 / 0)  # fails on the first rendered patch
+    with pytest.raises(ZeroDivisionError):
+        write_archive(tmp_path / "bad.zip", DemoParams(n_train=300, n_test=40, n_slides=6, seed=5), workers=2)
+    assert len(calls) == 1 and not (tmp_path / "bad.zip").exists()
