@@ -1,12 +1,16 @@
 """Faults: SIGKILL at random moments in every stage, and a disk that fills up.
 
 A tiny demo pipeline is run once, stage by stage, with the exact command lines
-both engines use (``hcd.pipeline``). Then, for each stage, copies of that
-workspace get the stage started and killed with SIGKILL (the whole process
-group: scan's workers too) at seeded random moments. Whatever the kill leaves
-must be nothing or a complete output, and rerunning the stage must give
-byte-for-byte the outputs of the uninterrupted run. Training is also killed
-right after an epoch's checkpoint and must resume, not restart.
+both engines use (``hcd.pipeline``), counting the temporary files each stage
+creates (inotify). Then, for each stage, copies of that workspace get the stage
+started and killed with SIGKILL (the whole process group: scan's workers too) on
+an event, not a clock: when the stage creates its n-th temporary file (n seeded
+at random among those the reference run created), plus a seeded delay of up to
+50 ms that lands mid-write. Load slows the stage and the watcher alike, so it
+cannot make a kill miss. Whatever the kill leaves must be nothing or a complete
+output, and rerunning the stage must give byte-for-byte the outputs of the
+uninterrupted run. Training is also killed right after an epoch's checkpoint and
+must resume, not restart.
 
 The disk-full cases run each stage under ``RLIMIT_FSIZE`` (writes past the limit
 fail with EFBIG, as they would with ENOSPC): one line naming the file, exit 2,
@@ -16,15 +20,19 @@ can be mounted in a private namespace (``unshare``), a real ENOSPC is tried too.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import random
 import resource
+import select
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,20 +92,80 @@ def remove(ws: Path, outputs: list[str]) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+class TempWatch:
+    """Temporary files (``.tmp-`` names) created anywhere under a workspace's output folders, as the kernel
+    reports them (inotify, folders made later included): none is missed, however briefly it lived."""
+
+    IN_CREATE, IN_ISDIR = 0x100, 0x40000000
+
+    def __init__(self, ws: Path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        self.dirs: dict[int, Path] = {}
+        self.seen: list[str] = []
+        for root in OUTPUT_ROOTS:
+            (ws / root).mkdir(exist_ok=True)
+            self._watch(ws / root)
+
+    def _watch(self, folder: Path) -> None:
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), self.IN_CREATE)
+        if wd >= 0:  # a folder gone already (a swapped-in temporary) is no loss
+            self.dirs[wd] = folder
+            for child in folder.iterdir():  # what was made before the watch began
+                self._found(child)
+
+    def _found(self, path: Path) -> None:
+        if ".tmp-" in path.name and str(path) not in self.seen:
+            self.seen.append(str(path))
+        if path.is_dir() and not path.is_symlink() and path not in self.dirs.values():
+            self._watch(path)
+
+    def wait(self, count: int, proc: subprocess.Popen, deadline: float) -> bool:
+        """Until ``count`` temporaries have appeared (True) or the process ended or time ran out (False)."""
+        while len(self.seen) < count:
+            if proc.poll() is not None or time.time() > deadline:
+                self.drain()
+                return len(self.seen) >= count
+            if select.select([self.fd], [], [], 0.05)[0]:
+                self.drain()
+        return True
+
+    def drain(self) -> None:
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return
+        pos = 0
+        while pos < len(data):
+            wd, _mask, _cookie, size = struct.unpack_from("iIII", data, pos)
+            name = data[pos + 16 : pos + 16 + size].rstrip(b"\0")
+            pos += 16 + size
+            if wd in self.dirs and name:
+                self._found(self.dirs[wd] / os.fsdecode(name))
+        self.drain()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, float]]:
+def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, int]]:
+    """The uninterrupted run, its outputs' digests, and how many temporaries each stage created."""
     ws = tmp_path_factory.mktemp("reference")
     os.symlink(REPO / "workflow", ws / "workflow")
     shutil.copytree(REPO / "data/groups", ws / "data/groups")
     (ws / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
-    seconds = {}
+    temps = {}
     for name in ORDER:
-        t0 = time.perf_counter()
-        proc = run_stage(ws, name)
-        seconds[name] = time.perf_counter() - t0
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
+        watch = TempWatch(ws)
+        proc = start(ws, name)
+        watch.wait(10**9, proc, time.time() + 600)
+        temps[name] = len(watch.seen)
+        watch.close()
+        assert proc.wait() == 0, f"{name}: {printed(proc)[-2000:]}"
     assert not (ws / "models/cnn/checkpoint.pt").exists()
-    return ws, snapshot(ws), seconds
+    return ws, snapshot(ws), temps
 
 
 def copy_of(reference, dest: Path) -> Path:
@@ -106,8 +174,18 @@ def copy_of(reference, dest: Path) -> Path:
 
 
 def start(ws: Path, name: str) -> subprocess.Popen:
+    """The stage in a session of its own; what it prints goes to ``proc.log`` (a file: a pipe nobody reads
+    while the test waits for an event would fill and stall the stage)."""
     argv, _ = stage(name)
-    return subprocess.Popen([sys.executable, *argv[1:]], cwd=ws, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, *argv[1:]], cwd=ws, env=ENV, stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def printed(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def kill9(proc: subprocess.Popen) -> bool:
@@ -118,38 +196,39 @@ def kill9(proc: subprocess.Popen) -> bool:
     except ProcessLookupError:
         pass
     proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
+    proc.log.close()
     return alive
 
 
 @pytest.mark.parametrize("name", KILLED)
 def test_sigkill_at_random_moments_then_rerun_gives_the_uninterrupted_outputs(reference, tmp_path, name):
-    ref_ws, ref, seconds = reference
+    _, ref, temps = reference
     _, outs = stage(name)
+    assert temps[name] >= 1, f"{name}: the reference run created no temporary file to time a kill by"
     rng = random.Random(f"hcd-kill-{name}")
-    landed = 0
-    scale = 1.0  # the reference timing came from one run; when a kill misses (the machine got faster), aim earlier
-    k = 0
-    while k < KILLS_PER_STAGE or (not landed and k < KILLS_PER_STAGE + 4):  # up to four more tries, earlier each time, until one lands
+    landed, moments = 0, []
+    for k in range(KILLS_PER_STAGE):
         ws = copy_of(reference, tmp_path / f"kill{k}")
         remove(ws, outs)
-        delay = rng.uniform(0.25, 0.9) * seconds[name] * scale  # the first quarter is interpreter and torch start-up
+        nth, delay = rng.randint(1, temps[name]), rng.uniform(0.0, 0.05)
+        watch = TempWatch(ws)
         proc = start(ws, name)
+        assert watch.wait(nth, proc, time.time() + 600), f"{name}: the stage ended having created {len(watch.seen)} temporaries, not {nth}"
+        watch.close()
         time.sleep(delay)
         hit = kill9(proc)
         landed += hit
-        scale = scale if hit else scale / 2
+        when = f"{delay * 1000:.0f} ms after temporary {nth} of {temps[name]} ({Path(watch.seen[nth - 1]).name})"
+        moments.append(when)
         for f in output_files(ws, outs):  # whatever the kill left is complete, never half-written
-            assert snapshot(ws).get(f) == ref[f], f"{name}: {f} left incomplete by a kill at {delay:.2f} s"
+            assert snapshot(ws).get(f) == ref[f], f"{name}: {f} left incomplete by a kill {when}"
         rerun = run_stage(ws, name)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
-        assert snapshot(ws) == ref, f"{name}: rerun after a kill at {delay:.2f} s differs from the uninterrupted run"
+        assert snapshot(ws) == ref, f"{name}: rerun after a kill {when} differs from the uninterrupted run"
         assert temporaries(ws) == []
         shutil.rmtree(ws)
-        k += 1
     assert landed >= 1, f"{name}: every kill came after the stage had finished; nothing was tested"
-    print(f"SIGKILL {name}: {landed} of {k} kills landed mid-run; every rerun byte-identical")
+    print(f"SIGKILL {name}: {landed} of {KILLS_PER_STAGE} kills landed mid-run ({'; '.join(moments)}); every rerun byte-identical")
 
 
 def test_training_killed_after_a_checkpoint_resumes_and_matches(reference, tmp_path):
