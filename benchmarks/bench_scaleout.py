@@ -91,14 +91,15 @@ def ddp(ranks: int, steps: int, batch: int) -> dict:
 
 
 def slurm() -> dict:
-    import test_e2e as e2e  # the tiny demo config, repo copies and the SLURM command line of the tests
+    import test_e2e as e2e  # the tiny demo config and repo copies of the tests
+    import test_e2e_interrupted as runs  # their SLURM command line
 
     up = subprocess.run(["bash", str(REPO / "tests/cluster/slurm.sh"), "start"], capture_output=True, text=True)
     if up.returncode != 0:
         return {"skipped": (up.stderr.strip().splitlines() or ["?"])[-1]}
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, cmd in (("local", ("snakemake", "--cores", "2")), ("slurm", e2e.SLURM_RUN)):
+        for kind, cmd in (("local", ("snakemake", "--cores", "2")), ("slurm", runs.SLURM_RUN)):
             root = e2e.repo_copy(Path(tmp) / kind)
             t0 = time.perf_counter()
             e2e.sh(root, *cmd)

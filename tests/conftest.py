@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import struct
 import zipfile
 from pathlib import Path
@@ -115,8 +117,30 @@ def small_set():
 SCAN_DEFAULTS = ScanParams()
 
 
+LONGEST = ("test_e2e.py", "test_e2e_interrupted.py", "test_e2e_folds.py")  # minutes each, on two cores
+
+
 def pytest_collection_modifyitems(items):
-    """The end-to-end files first: with pytest-xdist (``-n``, ``--dist=loadfile`` in pyproject.toml) each of
-    them starts at once on a worker of its own while the other files go to whichever worker is free, instead
-    of starting last and running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The longest end-to-end files first, then three short files, then the other ``e2e`` files, then the rest.
+    pytest-xdist (``--dist=loadfile``, pyproject.toml) hands each worker one file and then queues a second
+    behind it: the long files start at once, each on a worker of its own, the files queued behind them are
+    short ones, and the other end-to-end files go to whichever worker is free first instead of waiting
+    behind a long one."""
+
+    files = list(dict.fromkeys(item.path.name for item in items))
+    e2e = {item.path.name for item in items if item.get_closest_marker("e2e")} - set(LONGEST)
+    rest = [f for f in files if f not in LONGEST and f not in e2e]
+    order = [f for f in LONGEST if f in files] + rest[: len(LONGEST)] + [f for f in files if f in e2e] + rest[len(LONGEST) :]
+    items.sort(key=lambda item: order.index(item.path.name))  # stable: each file's tests keep their order
+
+
+def pytest_configure(config):
+    """One fake Kaggle key for the whole session, in the environment the pytest-xdist workers inherit: a
+    pipeline run by one worker is checked for the key by another (tests/test_e2e.py)."""
+    os.environ.setdefault("HCD_TEST_KAGGLE_KEY", secrets.token_hex(16))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """One worker more than the cores: the end-to-end files spend part of their time waiting (on SLURM's
+    status checks, on a kill's event, on process starts) and the extra worker fills it."""
+    return (os.cpu_count() or 1) + 1

@@ -14,14 +14,13 @@ also killed with SIGKILL mid-training and rerun: the results equal the baseline.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -40,11 +39,11 @@ TINY = {
     "predict": {"tta": 2, "batch_size": 64},
     "metrics": {"bootstrap": 20},
 }
-SECRET = secrets.token_hex(16)  # a fake Kaggle key, made per session (so not in any copied file): it must appear in nothing a run writes or prints
+SECRET = os.environ.get("HCD_TEST_KAGGLE_KEY") or secrets.token_hex(16)  # a fake Kaggle key, one per session (conftest.py: every xdist worker has the same), in no copied file: it must appear in nothing a run writes or prints
 KAGGLE_DIR = Path(tempfile.mkdtemp(prefix="hcd-kaggle-"))
 (KAGGLE_DIR / "kaggle.json").write_text(json.dumps({"username": "hcd-test", "key": SECRET}))
 os.chmod(KAGGLE_DIR / "kaggle.json", 0o600)
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+ENV = {**{k: v for k, v in os.environ.items() if k != "HCD_TEST_KAGGLE_KEY"}, "DVC_NO_ANALYTICS": "1", "HCD_WORKERS": "2", "HCD_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 ENV |= {"KAGGLE_CONFIG_DIR": str(KAGGLE_DIR), "KAGGLE_USERNAME": "hcd-test", "KAGGLE_KEY": SECRET}
 ENV |= {"HCD_GPUS": "0,1", "HCD_GPU_LOCK_DIR": tempfile.mkdtemp(prefix="hcd-gpus-")}  # two fake GPU slots: concurrent jobs must take distinct ones
 SNAKE_PARALLEL = ("--cores", "2", "--set-threads", "train=1", "predict=1", "--resources", "gpu=2")  # both backbones train at once
@@ -127,14 +126,35 @@ def snakemake_would_run(root: Path) -> set[str]:
     return jobs
 
 
+def baseline(tmp_path_factory) -> tuple[Path, Path, str, str, dict[str, str]]:
+    """The tiny pipeline through both engines, run once per test session: the first test file to ask runs it,
+    under a file lock in the folder every pytest-xdist worker shares; the others wait for it and read it.
+    Returns both workspaces, both engines' logs, and the digests of every output (test_e2e.py alone changes
+    the workspaces afterwards; other files use the digests)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = shared / "e2e-baseline.json"
+    with open(shared / "e2e-baseline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # freed by the kernel if this worker dies
+        if not done.exists():
+            dvc_root = repo_copy(Path(tempfile.mkdtemp(prefix="dvc-", dir=shared)))
+            snake_root = repo_copy(Path(tempfile.mkdtemp(prefix="snakemake-", dir=shared)))
+            dvc_log, snake_log = side_by_side((dvc_root, ("dvc", "repro")), (snake_root, ("snakemake", *SNAKE_PARALLEL)))
+            sh(dvc_root, "git", "add", "-A")
+            sh(dvc_root, "git", "commit", "-qm", "baseline results")  # dvc.lock and metrics, for `dvc metrics diff`
+            made = {"dvc_root": str(dvc_root), "snake_root": str(snake_root), "dvc_log": dvc_log, "snake_log": snake_log, "digests": digests(dvc_root)}
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(made))
+            tmp.replace(done)
+    made = json.loads(done.read_text())
+    LOGS.extend((made["dvc_log"], made["snake_log"]))
+    return Path(made["dvc_root"]), Path(made["snake_root"]), made["dvc_log"], made["snake_log"], made["digests"]
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    dvc_root = repo_copy(tmp_path_factory.mktemp("dvc"))
-    snake_root = repo_copy(tmp_path_factory.mktemp("snakemake"))
-    dvc_log, snake_log = side_by_side((dvc_root, ("dvc", "repro")), (snake_root, ("snakemake", *SNAKE_PARALLEL)))
-    sh(dvc_root, "git", "add", "-A")
-    sh(dvc_root, "git", "commit", "-qm", "baseline results")  # dvc.lock and metrics, for `dvc metrics diff`
-    BASELINE.update(digests(dvc_root))
+    dvc_root, snake_root, dvc_log, snake_log, made = baseline(tmp_path_factory)
+    BASELINE.update(made)
     return dvc_root, snake_root, dvc_log, snake_log
 
 
@@ -370,53 +390,6 @@ def test_snakemake_trained_both_backbones_at_once_and_matched_dvc(engines):
     # outputs equal DVC's sequential run: test_both_engines_run_every_stage_and_agree_byte_for_byte
 
 
-def _kill_mid_training(root: Path, *cmd: str) -> None:
-    """Start an engine, SIGKILL its whole process group shortly after a training checkpoint appears."""
-    proc = subprocess.Popen(cmd, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline and not list(root.glob("models/*/checkpoint.pt")):
-        time.sleep(0.05)
-    time.sleep(random.Random(str(cmd)).uniform(0.0, 0.5))  # somewhere in the second epoch
-    if proc.poll() is not None:
-        raise AssertionError(f"the run ended before it could be killed:\n{proc.communicate()[0][-3000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    LOGS.append(proc.communicate()[0])
-    assert not (root / "results/submission.csv").exists()
-
-
-def _same_as_baseline(root: Path) -> None:
-    """What a run up to train@cnn made equals the uninterrupted full run's files of the same names."""
-    made = {p: h for p, h in digests(root).items() if p.startswith(("data/", "models/", "dvclive/cnn/", "metrics/scan.json", "metrics/split.json"))}
-    assert {"models/cnn/model.safetensors", "dvclive/cnn/metrics.json", "data/stats/stats.json"} <= made.keys(), sorted(made)
-    assert not any(p.startswith(("models/resnet10t", "predictions/")) for p in digests(root)), "ran past the target"
-    assert {p: BASELINE.get(p) for p in made} == made
-
-
-def test_dvc_killed_mid_training_reruns_to_the_same_results(engines, tmp_path):
-    """The pipeline up to one training (what follows is the same whether or not a kill came before)."""
-    assert BASELINE
-    root = repo_copy(tmp_path / "dvc")
-    _kill_mid_training(root, "dvc", "repro", "train@cnn")
-    log = sh(root, "dvc", "repro", "train@cnn")
-    assert "resuming after epoch 1" in log
-    assert {"check", "download", "scan", "split", "stats"}.isdisjoint(dvc_ran(log)), "finished stages ran again"
-    _same_as_baseline(root)
-    assert "up to date" in sh(root, "dvc", "status", "train@cnn").lower()
-
-
-def test_snakemake_killed_mid_training_reruns_to_the_same_results(engines, tmp_path):
-    root = repo_copy(tmp_path / "snakemake")
-    target = "models/cnn/model.safetensors"
-    _kill_mid_training(root, "snakemake", target, *SNAKE_PARALLEL)  # targets first: --resources takes several words
-    refused = sh(root, "snakemake", target, *SNAKE_PARALLEL, ok=False)  # Snakemake keeps its lock after a kill -9 ...
-    assert "Directory cannot be locked" in refused and "--unlock" in refused
-    sh(root, "snakemake", "--unlock")  # ... and says how to release it (the README does too)
-    log = sh(root, "snakemake", target, *SNAKE_PARALLEL)  # rerun-incomplete (profiles/default) reruns the killed job
-    assert "resuming after epoch 1" in log
-    _same_as_baseline(root)
-    assert "Nothing to be done" in sh(root, "snakemake", "--dry-run", "--cores", "2", target)
-
-
 def test_a_split_param_plans_split_and_everything_after_it_not_download_or_scan(engines):
     """``split.folds`` and ``split.groups`` (the demo's slides): both engines find split and everything after it
     out of date, not download or scan (tests/test_e2e_folds.py runs that pipeline through both engines)."""
@@ -434,90 +407,6 @@ def test_a_split_param_plans_split_and_everything_after_it_not_download_or_scan(
             for made in ("demo_slides.csv", "demo_test_labels.csv"):  # hcd demo-truth's files: the folder is a dependency of split
                 (root / "data/groups" / made).unlink(missing_ok=True)
     assert snakemake_would_run(snake_root) == set()
-
-
-SLURM_SCRIPT = REPO / "tests/cluster/slurm.sh"
-# profiles/slurm as a user runs it, plus what this one-node test cluster needs: its partition, no account
-# (no accounting database), squeue for job states (sacct needs slurmdbd), threads for a 2-CPU node, and
-# status checks from the first second (the plugin waits 40 s by default).
-SLURM_RUN = ("snakemake", "--workflow-profile", "profiles/slurm", "--default-resources", "slurm_partition=debug", "runtime=30", "--set-threads", "download=1", "scan=2", "train=1", "predict=1", "explain=1", "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1", "--latency-wait", "5", "--jobs", "4")
-
-
-def slurm_or_skip() -> None:
-    """Start the one-node SLURM of tests/cluster/slurm.sh (installs it as root when missing); skip with its reason otherwise."""
-    if shutil.which("bash") is None:
-        pytest.skip("no bash")
-    proc = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.skip(f"SLURM could not be started here: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-
-
-def squeue(*fmt: str) -> list[list[str]]:
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", " ".join(fmt)], capture_output=True, text=True, check=True).stdout
-    return [line.split() for line in out.splitlines() if line.strip()]
-
-
-def test_slurm_runs_every_job_through_sbatch_survives_scancel_and_matches(engines, tmp_path):
-    """The tiny pipeline through profiles/slurm on a real one-node SLURM: every rule is a SLURM job, one
-    training is scancel'd mid-run and resubmitted by Snakemake (resuming from its checkpoint), and the
-    outputs equal the local run's byte for byte. A bad partition fails at sbatch with SLURM's reason."""
-    slurm_or_skip()
-    assert BASELINE
-    root = repo_copy(tmp_path / "slurm")
-    proc = subprocess.Popen(SLURM_RUN, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 900
-    while proc.poll() is None and time.time() < deadline and not list(root.glob("models/cnn/checkpoint.pt")):
-        time.sleep(0.2)
-    jobs = {comment: (jobid, name) for jobid, name, state, comment in squeue("%i", "%j", "%T", "%k") if state == "RUNNING"}
-    assert "rule_train_wildcards_cnn" in jobs, f"no running training job to cancel: {jobs}"
-    jobid, run_id = jobs["rule_train_wildcards_cnn"]
-    subprocess.run(["scancel", jobid], check=True)
-    log = proc.communicate(timeout=1200)[0]
-    LOGS.append(log)
-    assert proc.returncode == 0, log[-3000:]
-    assert f"SLURM-job '{jobid}' failed, SLURM status is: 'CANCELLED'" in log and "rule_train/cnn/" in log  # the rule, the reason, the log path
-    assert "resuming after epoch 1" in (root / "logs/train/cnn.log").read_text(), "the resubmitted training started over"
-    assert digests(root) == BASELINE
-    assert snakemake_would_run(root) == set()
-    ours = [row for row in squeue("%i", "%j", "%T", "%k") if row[1] == run_id]
-    rules = {row[3].removeprefix("rule_").split("_wildcards_")[0] for row in ours}
-    assert rules == {stage.split("@")[0] for stage in ALL_STAGES}, rules  # every rule went through sbatch
-    assert [row[2] for row in ours].count("CANCELLED") == 1 and len(ours) == len(ALL_STAGES) + 1  # one job per stage, plus the resubmission
-    completed = subprocess.run(["sacct", "--completion", "-n", "-P", "-o", "JobID,JobName,State"], capture_output=True, text=True).stdout
-    assert sum(f"|{run_id}|COMPLETED" in line for line in completed.splitlines()) == len(ours) - 1  # sacct lists them too
-
-    bad = repo_copy(tmp_path / "bad-partition")
-    out = sh(bad, *(a.replace("slurm_partition=debug", "slurm_partition=nope") for a in SLURM_RUN), "data/check/params.json", ok=False)
-    assert "Error in rule check:" in out and "invalid partition specified: nope" in out, out[-2000:]  # the rule, and SLURM's reason
-    assert not (bad / "data/check/params.json").exists()
-
-
-@pytest.mark.skipif(not os.environ.get("HCD_SLURM_FAULTS"), reason="long variant (a training run past a 1-minute SLURM time limit: 386 s measured): HCD_SLURM_FAULTS=1")
-def test_slurm_time_limit_and_out_of_memory_name_the_rule_reason_and_log_and_the_rerun_resumes(tmp_path):
-    """A training past its SLURM time limit, and a predict over its memory, each fail their rule with
-    SLURM's state and the job's log path (whose last lines say why); the same command with enough
-    time or memory then finishes, the training resuming from its last checkpoint."""
-    slurm_or_skip()
-    root = repo_copy(tmp_path / "faults", models={"cnn": {"epochs": 250}})  # about 150 s: it outlives a 1-minute limit (0.6 s an epoch here)
-
-    def run(target: str, *extra: str, ok: bool = True) -> str:  # the target first: --set-resources takes several words
-        return sh(root, SLURM_RUN[0], target, *SLURM_RUN[1:], "--retries", "0", *extra, ok=ok)  # each fault once (the profile retries once)
-
-    out = run("models/cnn/model.safetensors", "--set-resources", "train:runtime=1", ok=False)
-    assert "Error in rule train:" in out and "SLURM status is: 'TIMEOUT'" in out, out[-3000:]
-    log = re.search(r"(\S*slurm_logs/rule_train/cnn/\d+\.log)", out)
-    assert log and "DUE TO TIME LIMIT" in (root / log.group(1)).read_text(), out[-3000:]
-    assert (root / "models/cnn/checkpoint.pt").exists() and not (root / "models/cnn/model.safetensors").exists()
-    run("models/cnn/model.safetensors")  # the profile's 720 minutes
-    assert re.search(r"resuming after epoch [1-9]\d*", (root / "logs/train/cnn.log").read_text())
-
-    out = run("predictions/cnn/val.csv", "--set-resources", "predict:mem_mb=150", ok=False)
-    assert "Error in rule predict:" in out and re.search(r"SLURM status is: '(OUT_OF_MEMORY|FAILED)'", out), out[-3000:]  # FAILED without cgroups (SLURM's sampler kills it)
-    log = re.search(r"(\S*slurm_logs/rule_predict/cnn/\d+\.log)", out)
-    assert log and "exceeded memory limit" in (root / log.group(1)).read_text(), out[-3000:]
-    assert not (root / "predictions/cnn/val.csv").exists()
-    run("predictions/cnn/val.csv")
-    assert (root / "predictions/cnn/val.csv").exists()
 
 
 def test_kaggle_credentials_appear_nowhere_a_run_wrote_or_printed(engines, tmp_path):
