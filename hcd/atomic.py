@@ -97,11 +97,12 @@ def sweep_dead_temps(root: str | os.PathLike[str] = ".") -> list[Path]:
     A stage killed by a signal it cannot catch (SIGKILL, power loss) leaves its
     temporaries; its own next run removes them, but an engine may never rerun it
     (DVC restores the outputs from its cache instead). So every stage start sweeps
-    temporaries of dead processes from every output folder. A live process's
+    temporaries of dead processes from every output folder, and from the commit
+    journal's folder (a kill while a journal was being written). A live process's
     temporaries (a training running beside this one) are left alone.
     """
     removed = []
-    for top in OUTPUT_ROOTS:
+    for top in (*OUTPUT_ROOTS, JOURNAL_DIR):
         base = Path(root) / top
         if not base.is_dir():
             continue

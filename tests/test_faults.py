@@ -93,7 +93,7 @@ def remove(ws: Path, outputs: list[str]) -> None:
 
 
 class TempWatch:
-    """Temporary files (``.tmp-`` names) created anywhere under a workspace's output folders, as the kernel
+    """Temporary files (``.tmp-`` names) created anywhere under a workspace's output folders and ``.hcd``, as the kernel
     reports them (inotify, folders made later included): none is missed, however briefly it lived."""
 
     IN_CREATE, IN_ISDIR = 0x100, 0x40000000
@@ -104,7 +104,7 @@ class TempWatch:
         assert self.fd >= 0, os.strerror(ctypes.get_errno())
         self.dirs: dict[int, Path] = {}
         self.seen: list[str] = []
-        for root in OUTPUT_ROOTS:
+        for root in (*OUTPUT_ROOTS, ".hcd"):  # .hcd: the commit journal and the runner lock are written atomically too
             (ws / root).mkdir(exist_ok=True)
             self._watch(ws / root)
 
