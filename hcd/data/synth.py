@@ -312,17 +312,17 @@ def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int |
             # is done (one can render a small archive alone) loses a signal that arrives before CPython's
             # after-fork reset, blocks on the task queue, and the stage waits for it forever (seen twice in
             # the test suite). Closed, the workers leave on the queue's sentinels; terminate only on failure.
-            pool, closed = mp.get_context(method).Pool(workers, _init_worker, (renderer,)), False
+            pool = mp.get_context(method).Pool(workers, _init_worker, (renderer,))
             try:
                 for k, data in enumerate(pool.imap(_render_in_worker, jobs, chunksize=64)):
                     zf.writestr(_member(names[k]), data)
                     if progress and k % 5000 == 0:
                         print(f"  demo: {k}/{len(jobs)} patches", flush=True)
                 pool.close()
-                closed = True
+            except BaseException:
+                pool.terminate()
+                raise
             finally:
-                if not closed:
-                    pool.terminate()
                 pool.join()
         else:
             for k, job in enumerate(jobs):
