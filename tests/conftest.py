@@ -133,7 +133,6 @@ def pytest_collection_modifyitems(items):
     behind it: the long files start at once, each on a worker of its own, the files queued behind them are
     short ones, and the other end-to-end files go to whichever worker is free first instead of waiting
     behind a long one."""
-
     files = list(dict.fromkeys(item.path.name for item in items))
     e2e = {item.path.name for item in items if item.get_closest_marker("e2e")} - set(LONGEST)
     rest = [f for f in files if f not in LONGEST and f not in e2e]

@@ -40,6 +40,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from hcd.atomic import OUTPUT_ROOTS, TMP_MARK
 from hcd.pipeline.table import STAGES
 
 PARAMS = {
@@ -54,7 +55,6 @@ ENV = {**os.environ, "HCD_WORKERS": "2", "HCD_THREADS": "2", "PYTHONDONTWRITEBYT
 ORDER = ["check", "download", "scan", "split", "stats", "train@cnn", "predict@cnn", "ensemble", "metrics"]
 KILLED = ["scan", "split", "stats", "train@cnn", "predict@cnn", "ensemble", "metrics"]
 KILLS_PER_STAGE = int(os.environ.get("HCD_FAULT_KILLS", "2"))  # 2 keep CI inside its time; HCD_FAULT_KILLS=10 for a deeper run
-OUTPUT_ROOTS = ("data", "models", "predictions", "results", "metrics", "plots", "dvclive")
 
 
 def stage(name: str):
@@ -75,7 +75,7 @@ def snapshot(ws: Path) -> dict[str, str]:
 
 
 def temporaries(ws: Path) -> list[str]:
-    return [str(p.relative_to(ws)) for p in ws.rglob("*") if ".tmp-" in p.name]
+    return [str(p.relative_to(ws)) for p in ws.rglob("*") if TMP_MARK in p.name]
 
 
 def output_files(ws: Path, outputs: list[str]) -> list[str]:
@@ -116,7 +116,7 @@ class TempWatch:
                 self._found(child)
 
     def _found(self, path: Path) -> None:
-        if ".tmp-" in path.name and str(path) not in self.seen:
+        if TMP_MARK in path.name and str(path) not in self.seen:
             self.seen.append(str(path))
         if path.is_dir() and not path.is_symlink() and path not in self.dirs.values():
             self._watch(path)
@@ -132,18 +132,19 @@ class TempWatch:
         return True
 
     def drain(self) -> None:
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except BlockingIOError:
-            return
-        pos = 0
-        while pos < len(data):
-            wd, _mask, _cookie, size = struct.unpack_from("iIII", data, pos)
-            name = data[pos + 16 : pos + 16 + size].rstrip(b"\0")
-            pos += 16 + size
-            if wd in self.dirs and name:
-                self._found(self.dirs[wd] / os.fsdecode(name))
-        self.drain()
+        """Read every queued event (``struct inotify_event``: wd, mask, cookie, len, name)."""
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            pos = 0
+            while pos < len(data):
+                wd, _mask, _cookie, size = struct.unpack_from("iIII", data, pos)
+                name = data[pos + 16 : pos + 16 + size].rstrip(b"\0")
+                pos += 16 + size
+                if wd in self.dirs and name:
+                    self._found(self.dirs[wd] / os.fsdecode(name))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -160,7 +161,7 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, int]]:
     for name in ORDER:
         watch = TempWatch(ws)
         proc = start(ws, name)
-        watch.wait(10**9, proc, time.time() + 600)
+        watch.wait(float("inf"), proc, time.time() + 600)  # every temporary, until the stage ends
         temps[name] = len(watch.seen)
         watch.close()
         assert proc.wait() == 0, f"{name}: {printed(proc)[-2000:]}"
