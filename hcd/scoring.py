@@ -21,15 +21,27 @@ from hcd.errors import HcdError, excerpt
 
 
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, n: int, seed: int) -> tuple[float, float]:
-    """Percentile 95 % interval of the AUC over ``n`` stratified resamples."""
+    """Percentile 95 % interval of the AUC over ``n`` stratified resamples (with replacement).
+
+    The scores are sorted once: each resample is a count per distinct score on each side, and its AUC
+    (ties counting one half) is an integer sum over the scores divided by twice the pairs, so the
+    value is the exact one, rounded once. An ``roc_auc_score`` per resample re-sorted every resample:
+    80 s for 1,000 resamples of Kaggle's 220,025 out-of-fold predictions on 2 CPU cores, against 3 s
+    (benchmarks/bench_scoring.py prints both side by side). The resamples are the draws the
+    per-resample loop made, in the same order, so the interval is that loop's to the last digits.
+    """
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    level = np.unique(p, return_inverse=True)[1].reshape(-1)  # each score's rank among the distinct scores
+    at_pos, at_neg = level[y == 1], level[y == 0]
+    n_levels, pairs2 = int(level.max()) + 1, 2 * len(at_pos) * len(at_neg)
     aucs = np.empty(n)
     for i in range(n):
-        s = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        aucs[i] = roc_auc_score(y[s], p[s])
+        pos = np.bincount(rng.choice(at_pos, len(at_pos)), minlength=n_levels)
+        neg = np.bincount(rng.choice(at_neg, len(at_neg)), minlength=n_levels)
+        below2 = 2 * np.cumsum(neg) - neg  # twice the negatives under each score, plus those tied with it
+        aucs[i] = int(pos @ below2) / pairs2
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
 

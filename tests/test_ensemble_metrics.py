@@ -12,7 +12,7 @@ from conftest import REPO
 from sklearn.metrics import roc_auc_score
 
 from hcd.errors import HcdError
-from hcd.scoring import score, score_submission
+from hcd.scoring import bootstrap_auc, score, score_submission
 from hcd.stages.ensemble import combine, validate_submission
 
 IDS = [f"{i:040x}" for i in range(5)]
@@ -71,6 +71,23 @@ def test_score_matches_sklearn_and_its_interval_holds_it():
     a = m["at_0.5"]
     pred = p >= 0.5
     assert a["sensitivity"] == pytest.approx(pred[y == 1].mean()) and a["specificity"] == pytest.approx((~pred[y == 0]).mean())
+
+
+@pytest.mark.parametrize("n, decimals", [(7, 1), (400, 2), (3000, 3)])
+def test_the_bootstrap_interval_is_sklearns_on_the_same_resamples(n, decimals):
+    """The sort-once bootstrap against what it replaced: roc_auc_score on each resample, drawn from the same
+    generator in the same order (positives, then negatives), ties included (scores rounded, float32)."""
+    rng = np.random.default_rng(n)
+    y = rng.integers(0, 2, n)
+    y[:2] = (1, 0)
+    p = np.clip(y * 0.3 + rng.random(n) * 0.7, 0, 1).round(decimals).astype(np.float32)
+    draw, pos, neg = np.random.default_rng(5), np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    aucs = []
+    for _ in range(120):
+        s = np.concatenate([draw.choice(pos, len(pos)), draw.choice(neg, len(neg))])
+        aucs.append(roc_auc_score(y[s], p[s]))
+    np.testing.assert_allclose(bootstrap_auc(y, p, 120, 5), np.percentile(aucs, [2.5, 97.5]), rtol=0, atol=1e-14)
+    assert np.isnan(bootstrap_auc(y, p, 0, 5)).all()  # no interval asked for
 
 
 def test_hcd_score_cli(tmp_path):
