@@ -1,7 +1,7 @@
-"""Benchmark the data stages: scan throughput and scan peak memory.
+"""Benchmark the data stages: scan throughput, scan peak memory, the stats pass.
 
 Usage:
-    python benchmarks/bench_data.py [--archive ZIP] [--repeat 3] [--full-size] [--out FILE]
+    python benchmarks/bench_data.py [--archive ZIP] [--repeat 3] [--full-size] [--stats-patches N] [--out FILE]
 
 1. Scan throughput from an archive ÷ a plain ``tifffile.imread`` loop over the
    same patches extracted to files, measured side by side in one run (median of
@@ -13,6 +13,12 @@ Usage:
    proportional set size (PSS) of the scan process and its workers, sampled
    every 50 ms. Target: under 2 GB beyond the packed output (which scan writes
    with pwrite and never holds). Needs ~16 GB of free disk.
+
+3. The ``stats`` stage's pass (``--stats-patches``, default 40,000; 0 skips it) on a
+   packed array of random patches: ``hcd.stages.stats`` ÷ the column reduction it
+   replaced (sums of the (pixels, 3) array per channel, exact uint64, the same
+   integers), and with five folds its one pass ÷ one pass per fold. Both sides read
+   the same page-cached array; the outputs must be equal.
 
 Absolute times are printed for context; the ratios are the figures.
 """
@@ -39,6 +45,7 @@ from hcd.data.synth import _all_slides, render, truth, write_archive  # noqa: E4
 from hcd.data.tiff import encode_patch  # noqa: E402
 from hcd.pipeline.params import DemoParams, ScanParams  # noqa: E402
 from hcd.stages.scan import ScanOutputs, scan  # noqa: E402
+from hcd.stages.stats import channel_stats, stats_from_sums, stats_per_held_out  # noqa: E402
 
 KAGGLE_TRAIN, KAGGLE_TEST = 220_025, 57_458
 
@@ -175,6 +182,53 @@ def peak_memory(archive: Path, work: Path, workers: int) -> dict:
     }
 
 
+def column_stats(x: np.ndarray, rows: np.ndarray, chunk_rows: int = 1024) -> dict:
+    """The stats pass before 2026-12-01: each chunk as (pixels, 3), summed down the columns in uint64."""
+    rows = np.sort(rows)
+    s1, s2 = np.zeros(3, dtype=np.uint64), np.zeros(3, dtype=np.uint64)
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(x[rows[start : start + chunk_rows]]).reshape(-1, 3)
+        s1 += block.sum(axis=0, dtype=np.uint64)
+        sq = block.astype(np.uint16)
+        sq *= sq
+        s2 += sq.sum(axis=0, dtype=np.uint64)
+    return stats_from_sums(s1, s2, len(rows), int(np.prod(x.shape[1:3])))
+
+
+def stats_pass(n: int, work: Path, folds: int = 5) -> dict:
+    rng = np.random.default_rng(0)
+    x = np.lib.format.open_memmap(work / "train_x.npy", mode="w+", dtype=np.uint8, shape=(n, 96, 96, 3))
+    for start in range(0, n, 5000):
+        x[start : start + 5000] = rng.integers(0, 256, (min(5000, n - start), 96, 96, 3), dtype=np.uint8)
+    x.flush()
+    rows, fold = np.arange(n), rng.integers(0, folds, n)
+    held = [fold == k for k in range(folds)]
+    _ = np.asarray(x).sum(dtype=np.uint64)  # both sides from a warm page cache
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    new, t_new = timed(lambda: channel_stats(x, rows[~held[0]]))
+    old, t_old = timed(lambda: column_stats(x, rows[~held[0]]))
+    assert new == old, "the stats pass differs from the column reduction"
+    one, t_one = timed(lambda: stats_per_held_out(x, rows, held))
+    each, t_each = timed(lambda: [channel_stats(x, rows[~h]) for h in held])
+    assert one == each, "one pass for every fold differs from a pass per fold"
+    return {
+        "patches": n,
+        "array_gb": round(x.nbytes / 1e9, 3),
+        "column_reduction_s": round(t_old, 2),
+        "stats_pass_s": round(t_new, 2),
+        "ratio_column_over_pass": round(t_old / t_new, 2),
+        "folds": folds,
+        "pass_per_fold_s": round(t_each, 2),
+        "one_pass_all_folds_s": round(t_one, 2),
+        "ratio_per_fold_over_one_pass": round(t_each / t_one, 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", default=os.environ.get("HCD_REAL_ZIP"))
@@ -182,6 +236,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--full-size", action="store_true", help="also measure peak memory at Kaggle's full size")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput part")
+    ap.add_argument("--stats-patches", type=int, default=40000, help="patches in the stats pass's array (0: skip it)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default="benchmarks/out/data.json")
     args = ap.parse_args()
@@ -210,6 +265,10 @@ def main() -> None:
             results["scan_memory"] = mem = peak_memory(big, work / "mem", workers=2)
             print(f"  scan of {mem['patches']} patches, 2 workers: {mem['scan_seconds']} s; packed output {mem['packed_output_gb']} GB")
             print(f"  peak memory (PSS, all processes): {mem['peak_pss_all_processes_gb']} GB (target < 2.0 beyond the packed output); main process RSS {mem['peak_rss_main_process_gb']} GB")
+        if args.stats_patches:
+            results["stats_pass"] = st = stats_pass(args.stats_patches, work)
+            print(f"stats pass: {st['patches']} patches ({st['array_gb']} GB): column reduction {st['column_reduction_s']} s, hcd {st['stats_pass_s']} s: ratio {st['ratio_column_over_pass']}")
+            print(f"  {st['folds']} folds: a pass per fold {st['pass_per_fold_s']} s, one pass {st['one_pass_all_folds_s']} s: ratio {st['ratio_per_fold_over_one_pass']}; outputs equal")
     write_json(args.out, results)
     print(f"wrote {args.out}")
 

@@ -9,7 +9,7 @@ import pytest
 from hcd.errors import HcdError
 from hcd.pipeline.params import SplitParams
 from hcd.stages.split import balance, read_groups, split
-from hcd.stages.stats import channel_stats
+from hcd.stages.stats import channel_stats, channel_sums, stats_per_held_out
 
 
 def index(n=1000, pos=0.4, seed=0):
@@ -59,6 +59,30 @@ def test_channel_stats_match_numpy():
     np.testing.assert_allclose(got["mean"], ref.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(got["std"], ref.std(axis=0), rtol=1e-10)
     assert got["n_patches"] == 170
+
+
+def test_channel_sums_are_the_exact_integers_at_every_chunk_size():
+    x = np.random.default_rng(2).integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
+    x[:5] = 255  # the largest squares, for the uint32 accumulators
+    rows = np.arange(3, 70)
+    wide = x[rows].reshape(-1, 3).astype(np.uint64)
+    for chunk in (1, 7, 64, 66_051):
+        s1, s2 = channel_sums(x, rows, chunk)
+        assert s1.tolist() == wide.sum(0).tolist() and s2.tolist() == (wide * wide).sum(0).tolist()
+    with pytest.raises(ValueError, match="overflow"):
+        channel_sums(x, rows, 66_052)
+
+
+@pytest.mark.parametrize("folds", [1, 3])
+def test_one_pass_stats_per_fold_equal_a_pass_per_fold(folds):
+    """The stage sums each fold's rows once and adds up each training side: the dicts must be equal to a
+    separate channel_stats of every fold's training rows, to the last bit."""
+    rng = np.random.default_rng(folds)
+    x = rng.integers(0, 256, (90, 12, 12, 3), dtype=np.uint8)
+    rows = rng.permutation(90)[:80]  # some rows (outliers) left out, the rest in shuffled order
+    fold = rng.integers(0, folds, 80) if folds > 1 else None
+    held = [fold == k for k in range(folds)] if folds > 1 else [rng.random(80) < 0.2]
+    assert stats_per_held_out(x, rows, held, chunk_rows=16) == [channel_stats(x, rows[~h]) for h in held]
 
 
 def test_stats_stage_excludes_validation_and_outliers(tmp_path):
