@@ -1,7 +1,7 @@
 """``hcd push`` / ``hcd pull``: share a run through a DVC remote, so a colleague reruns nothing.
 
 ``dvc push`` uploads everything the pipeline caches (the archive, the packed
-arrays, the models, the predictions, the bundle); the small metrics and plots
+arrays, the models, the predictions, the bundle, the confusion plot); the small metrics and curves
 travel in git. ``hcd pull`` is ``dvc pull`` plus the step a fresh clone needs for
 Snakemake: a clone and a pull give every file a new modification time in no
 particular order, and Snakemake — which has no record of a run it did not do —
