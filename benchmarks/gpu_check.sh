@@ -12,8 +12,8 @@
 #    hcd loop / bare step and TTA x8 / bare forward, patches/s, peak GPU memory;     ~3 min
 # 3. configs/gpu-speedrun.yaml on a generated dataset (HCD_GPU_N_TRAIN patches, default 100,000)
 #    stage by stage through `hcd <stage>` in the table's order, each stage timed;     ~4 min
-#    its check and download stages (rendering 125,000 patches: a CPU job, about 2 minutes, the
-#    zip's deflate in one process) run in the background, niced, while steps 1-2 use the GPU.
+#    its check and download stages (rendering 125,000 patches: a CPU job of 1-2 minutes on 8 cores)
+#    run in the background, niced, on half the cores, while steps 1-2 use the GPU.
 # Figures: benchmarks/results.json (bench_speed) and $OUT/gpu_check.json (stage times, AUCs).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,9 +269,38 @@ def _init_worker(renderer: _Renderer) -> None:
     _WORKER = renderer
 
 
-def _render_in_worker(job: tuple[str, int]) -> bytes:
+def _render_in_worker(job: tuple[str, int]) -> tuple[bytes, bytes]:
+    """The member's bytes and their deflate stream, compressed here rather than in the one process that
+    writes the zip: deflating there capped the generator at about 1,100 patches/s on any number of cores."""
     assert _WORKER is not None
-    return _WORKER(job)
+    data = _WORKER(job)
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)  # zipfile's, for a ZipInfo member
+    return data, deflate.compress(data) + deflate.flush()
+
+
+class _Deflated:
+    """Stands in for a zip member's compressor: the stream a worker already made comes out at the end."""
+
+    def __init__(self, stream: bytes) -> None:
+        self.stream = stream
+
+    def compress(self, data: bytes) -> bytes:
+        return b""
+
+    def flush(self) -> bytes:
+        return self.stream
+
+
+def _write_deflated(zf: zipfile.ZipFile, name: str, data: bytes, stream: bytes) -> None:
+    """``zf.writestr(_member(name), data)`` with the compression done: zipfile still writes the headers,
+    the CRC and the sizes; only its compressor is replaced (a private attribute: where it is missing, the
+    member is compressed here, to the same bytes)."""
+    info = _member(name)
+    info.file_size = len(data)
+    with zf.open(info, "w") as dest:
+        if hasattr(dest, "_compressor"):
+            dest._compressor = _Deflated(stream)
+        dest.write(data)
 
 
 def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int | None = None, progress: bool = False) -> Truth:
@@ -314,8 +344,8 @@ def write_archive(dest: str | os.PathLike[str], p: DemoParams, *, workers: int |
             # the test suite). Closed, the workers leave on the queue's sentinels; terminate only on failure.
             pool = mp.get_context(method).Pool(workers, _init_worker, (renderer,))
             try:
-                for k, data in enumerate(pool.imap(_render_in_worker, jobs, chunksize=64)):
-                    zf.writestr(_member(names[k]), data)
+                for k, (data, stream) in enumerate(pool.imap(_render_in_worker, jobs, chunksize=64)):
+                    _write_deflated(zf, names[k], data, stream)
                     if progress and k % 5000 == 0:
                         print(f"  demo: {k}/{len(jobs)} patches", flush=True)
                 pool.close()
