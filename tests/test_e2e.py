@@ -195,6 +195,21 @@ def test_a_second_run_does_nothing(engines):
     assert snakemake_would_run(snake_root) == set()
 
 
+def test_checkpoints_beside_the_models_rerun_nothing(engines):
+    """A killed training's checkpoint, or one set aside as another run's (``checkpoint.pt.stale``), sits in
+    models/<backbone>/; report and export depend on the models/ folder in DVC, which must not see them
+    (.dvcignore): otherwise they rerun, and dvc.lock records a folder a clean checkout does not have."""
+    dvc_root = engines[0]
+    left = [dvc_root / "models/cnn/checkpoint.pt.stale", dvc_root / "models/resnet10t/checkpoint-fold1.pt"]
+    for f in left:
+        f.write_bytes(b"a checkpoint")
+    try:
+        assert "up to date" in sh(dvc_root, "dvc", "status"), "a checkpoint file changed a stage's dependencies"
+    finally:
+        for f in left:
+            f.unlink()
+
+
 def _clone_and_pull(dvc_root: Path, dest: Path, remote_args: list[str]) -> Path:
     """A fresh clone of the run's git history, with the remote as its default, then `hcd pull`."""
     sh(dest.parent, "git", "clone", "-q", str(dvc_root), str(dest))
