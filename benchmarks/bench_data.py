@@ -243,10 +243,10 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        source = Path(args.archive) if args.archive else work / "demo.zip"
-        if not args.archive:
-            write_archive(source, DemoParams(n_train=1600, n_test=400, plant_defects=False))
         if not args.no_throughput:
+            source = Path(args.archive) if args.archive else work / "demo.zip"
+            if not args.archive:  # only the throughput part reads it
+                write_archive(source, DemoParams(n_train=1600, n_test=400, plant_defects=False))
             archive = work / "scaled.zip"
             scaled_archive(source, archive, args.patches)
             print(f"scan throughput: {args.patches} patches from {source}", flush=True)
