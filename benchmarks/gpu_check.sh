@@ -87,7 +87,7 @@ if ok and "metrics" in times:  # this run's metrics, not the copied checkout's
 json.dump(out, open(report, "w"), indent=2)
 sys.exit(0 if ok else 1)
 PY
-HCD_WORKERS=$(( $(nproc) / 2 )) nice -n 10 python3 run_stages.py "$report" only check download  # half the cores
+HCD_WORKERS=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 )) nice -n 10 python3 run_stages.py "$report" only check download  # half the cores
 ) > "$OUT/gpu_check_data.txt" 2>&1 &
 data_pid=$!
 fi
