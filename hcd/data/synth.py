@@ -155,50 +155,77 @@ def _touches_centre(cy: float, cx: float, r: float) -> bool:
 
 
 def render(seed: int, split: str, index: int, label: int, slide: pd.Series) -> np.ndarray:
-    """One 96x96x3 uint8 H&E-like patch; tumour in the centre 32x32 iff ``label``."""
+    """One 96x96x3 uint8 H&E-like patch; tumour in the centre 32x32 iff ``label``.
+
+    Every step draws from one generator seeded by (seed, split, index), in this order:
+    the archive is a function of the params alone."""
     rng = np.random.default_rng([seed, 2, 0 if split == "train" else 1, index])
     pal = _HOSPITALS[int(slide["hospital"])]
     jitter = np.array([slide["jitter_r"], slide["jitter_g"], slide["jitter_b"]], np.float32)
     eosin = np.array(pal["eosin"], np.float32) + jitter
     haem = np.array(pal["haem"], np.float32) + jitter * 0.5
-    bg = np.array(pal["bg"], np.float32)
+    img = _stroma(rng, np.array(pal["bg"], np.float32), eosin)
+    _normal_nuclei(img, rng, float(slide["density"]), haem)
+    clusters = _cluster_centres(rng, label)
+    if label == 0 and rng.random() < 0.3:
+        _mimics(img, rng, haem)
+    hard = label == 1 and rng.random() < 0.25  # hard positives: one small, faint tumour cell in the centre
+    placed_in_centre = _tumour(img, rng, clusters, hard, haem)
+    assert placed_in_centre == bool(label), "generator invariant: label <=> tumour cell in the centre"
+    if slide["blur"] > 0:
+        img = _blur(img, float(slide["blur"]))
 
-    # stroma: smooth density variation + oriented fibres; pale lumen/fat where the field is high
+    img += rng.normal(0.0, 3.5, img.shape).astype(np.float32)  # sensor noise
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _stroma(rng: np.random.Generator, bg: np.ndarray, eosin: np.ndarray) -> np.ndarray:
+    """The background: smooth density variation + oriented fibres; pale lumen/fat where the field is high."""
     dens = _smooth_field(rng, 5)
     ang, freq = rng.uniform(0, np.pi), rng.uniform(0.25, 0.6)
     fibres = np.sin((_GRID[:, None] * np.sin(ang) + _GRID[None, :] * np.cos(ang)) * freq + rng.uniform(0, 6.3))
     stroma = np.clip(0.75 + 0.2 * dens + 0.08 * fibres * (0.5 + 0.5 * _smooth_field(rng, 4)), 0.0, 1.0)
     lumen = np.clip((_smooth_field(rng, 4) - rng.uniform(0.35, 1.2)) * 4.0, 0.0, 1.0)
     stroma *= 1.0 - lumen
-    img = bg + stroma[..., None] * (eosin - bg)
+    return bg + stroma[..., None] * (eosin - bg)
 
-    density = float(slide["density"])
-    # normal nuclei: small, round, dark
+
+def _normal_nuclei(img: np.ndarray, rng: np.random.Generator, density: float, haem: np.ndarray) -> None:
+    """Normal nuclei anywhere: small, round, dark."""
     for _ in range(int(rng.poisson(26 * density))):
         _nucleus(img, rng, rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(1.6, 3.3), haem * rng.uniform(0.75, 1.05), rng.uniform(1.0, 1.35), 0.0, rng.uniform(0.75, 0.95))
 
-    # tumour clusters: large, pleomorphic, vesicular nuclei on a purplish cytoplasm
-    tumour_color = haem * np.array([1.05, 0.9, 1.0], np.float32)
-    clusters: list[tuple[float, float, bool]] = []  # (cy, cx, may touch the centre)
+
+def _cluster_centres(rng: np.random.Generator, label: int) -> list[tuple[float, float, bool]]:
+    """Where tumour clusters go, as (cy, cx, may touch the centre): a positive's one in the centre, plus
+    off-centre ones (in negatives too, so the label depends on the centre alone)."""
+    clusters: list[tuple[float, float, bool]] = []
     if label == 1:
         lo, hi = CENTRE
         clusters.append((rng.uniform(lo - 6, hi + 6), rng.uniform(lo - 6, hi + 6), True))
     n_extra = rng.choice([0, 1, 2], p=[0.45, 0.4, 0.15]) if label == 1 else rng.choice([0, 1, 2], p=[0.35, 0.45, 0.2])
     for _ in range(int(n_extra)):
-        # off-centre cluster: centre in the outer ring
-        while True:
+        while True:  # off-centre: the cluster's centre in the outer ring
             cy, cx = rng.uniform(0, SIZE, 2)
             if not _touches_centre(cy, cx, 10.0):
                 break
         clusters.append((cy, cx, False))
-    # mimics (hard negatives): histiocyte-like clusters of large, pale, round nuclei in the centre
-    if label == 0 and rng.random() < 0.3:
-        lo, hi = CENTRE
-        for _ in range(int(rng.integers(2, 6))):
-            _nucleus(img, rng, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(2.8, 3.8), haem * rng.uniform(1.05, 1.25), rng.uniform(1.0, 1.15), 0.2, rng.uniform(0.55, 0.75))
-    hard = label == 1 and rng.random() < 0.25  # hard positives: one small, faint tumour cell in the centre
+    return clusters
+
+
+def _mimics(img: np.ndarray, rng: np.random.Generator, haem: np.ndarray) -> None:
+    """Hard negatives: a histiocyte-like cluster of large, pale, round nuclei in the centre."""
+    lo, hi = CENTRE
+    for _ in range(int(rng.integers(2, 6))):
+        _nucleus(img, rng, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(2.8, 3.8), haem * rng.uniform(1.05, 1.25), rng.uniform(1.0, 1.15), 0.2, rng.uniform(0.55, 0.75))
+
+
+def _tumour(img: np.ndarray, rng: np.random.Generator, clusters: list[tuple[float, float, bool]], hard: bool, haem: np.ndarray) -> bool:
+    """Each cluster: large, pleomorphic, vesicular nuclei on a purplish cytoplasm. Cells of an off-centre
+    cluster that would reach the centre are skipped. Returns whether a tumour cell reaches the centre."""
+    tumour_color = haem * np.array([1.05, 0.9, 1.0], np.float32)
     placed_in_centre = False
-    for k, (ccy, ccx, may_touch) in enumerate(clusters):
+    for ccy, ccx, may_touch in clusters:
         spread = rng.uniform(6.0, 14.0)
         n_cells = 1 if (hard and may_touch) else int(rng.integers(4, 16))
         cyto = np.clip(1.0 - np.hypot(_GRID[:, None] - ccy, _GRID[None, :] - ccx) / (spread * 1.6), 0.0, 1.0) * 0.35
@@ -216,12 +243,7 @@ def render(seed: int, split: str, index: int, label: int, slide: pd.Series) -> n
                 placed_in_centre = True
             opacity = rng.uniform(0.55, 0.7) if (hard and may_touch) else rng.uniform(0.8, 0.97)
             _nucleus(img, rng, cy, cx, r, tumour_color * rng.uniform(0.8, 1.15), rng.uniform(1.0, 1.6), rng.uniform(0.3, 0.7), opacity)
-    assert placed_in_centre == bool(label), "generator invariant: label <=> tumour cell in the centre"
-    if slide["blur"] > 0:
-        img = _blur(img, float(slide["blur"]))
-
-    img += rng.normal(0.0, 3.5, img.shape).astype(np.float32)  # sensor noise
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return placed_in_centre
 
 
 # ----------------------------------------------------------------------------- archive
