@@ -157,6 +157,34 @@ def test_changed_data_never_resumes(tiny_data, tmp_path, monkeypatch):
     assert not any("resuming" in m for m in lines) and any("not resumed" in m for m in lines)
 
 
+def test_local_pretrained_weights_are_recorded_and_replaced_ones_never_resume(tiny_data, tmp_path, monkeypatch):
+    """``train.pretrained: <path>`` is a param; the file's content is not, so model.json records its digest and
+    a checkpoint made from other weights at the same path is not resumed."""
+    from safetensors.torch import save_file
+
+    from hcd.digests import file_sha256
+    from hcd.model.factory import build_model
+
+    weights = tmp_path / "w.safetensors"
+
+    def donor(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_file({k: v.contiguous() for k, v in build_model("cnn").state_dict().items()}, str(weights))
+
+    donor(1)
+    kill_during_epoch(monkeypatch, at_epoch=1)
+    with pytest.raises(Killed):
+        run(tiny_data, tmp_path / "b", params(epochs=2, pretrained=str(weights)))
+    monkeypatch.undo()
+    donor(2)
+    lines = []
+    run(tiny_data, tmp_path / "b", params(epochs=2, pretrained=str(weights)), log=lines.append)
+    assert not any("resuming" in m for m in lines) and any("not resumed" in m for m in lines)
+    assert json.loads((tmp_path / "b/model.json").read_text())["pretrained_sha256"] == file_sha256(weights)
+    run(tiny_data, tmp_path / "plain")
+    assert "pretrained_sha256" not in json.loads((tmp_path / "plain/model.json").read_text())
+
+
 @pytest.mark.parametrize("damage", ["truncated", "hostile pickle", "not a checkpoint"])
 def test_damaged_or_hostile_checkpoint_is_set_aside_and_never_runs_code(tiny_data, tmp_path, monkeypatch, damage):
     import os

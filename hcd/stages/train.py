@@ -41,6 +41,7 @@ from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.data.augment import AugmentConfig
 from hcd.data.batches import PackedBatches, Preprocess
 from hcd.data.packed import held_out, open_packed, read_split
+from hcd.digests import file_sha256
 from hcd.errors import HcdError
 from hcd.model import checkpoint
 from hcd.model.factory import build_model, classifier_params
@@ -254,7 +255,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     from dvclive import Live
 
     settings = {"backbone": backbone, "lr": lr, "train": cfg.model_dump(mode="json"), "seed": seed, "device": checkpoint.device_identity(device), "threads": threads, "max_steps": max_steps}
-    key = checkpoint.run_key(settings, packed, [index, split, stats])
+    key = checkpoint.run_key(settings, packed, [index, split, stats, *local_weights(cfg)])  # a weights file replaced in place never resumes
     log(f"train {backbone}: {device.type}, {threads} threads" + (f", {folds} folds" if folds > 1 else "") + (f", {ranks.world} data-parallel processes" if ranks.on and ranks.main else ""))
     try:
         if not ranks.main:  # the others train in step with rank 0 and write nothing
@@ -329,8 +330,15 @@ def model_meta(backbone: str, cfg: TrainParams, lr: float, seed: int, device: to
     }
     if len(runs) == 1:
         head["history"] = runs[0][1].history
+    for weights in local_weights(cfg):  # the path is a param; its content is not: record what this run started from
+        head["pretrained_sha256"] = file_sha256(weights)
     head["environment"] = env.environment() | checkpoint.device_identity(device)  # what the weights came from
     return head
+
+
+def local_weights(cfg: TrainParams) -> list[Path]:
+    """The local pretrained weights file (``train.pretrained: <path>``), if any: an input neither engine tracks by content."""
+    return [Path(cfg.pretrained)] if isinstance(cfg.pretrained, str) else []
 
 
 def _defaults_left_out(cfg: TrainParams) -> set[str]:
