@@ -17,6 +17,7 @@ Usage ("hcd COMMAND --help" for the options of a command):
     hcd params apply OVERLAY [--params FILE]   merge a configuration overlay into params.yaml
     hcd params flags OVERLAY [--params FILE]   the overlay as `dvc exp run -S` flags, validated
     hcd pipeline write|check|show              regenerate / verify / print dvc.yaml
+    hcd pipeline prune [--dry-run]             remove the outputs of backbones dropped from backbones
     hcd demo-truth OUT_DIR [--params FILE]     the demo's test labels and slide groups
 
 A stage that fails on input the user can fix prints one line, for example

@@ -210,6 +210,34 @@ def test_checkpoints_beside_the_models_rerun_nothing(engines):
             f.unlink()
 
 
+def test_outputs_of_a_dropped_backbone_are_pruned_and_then_rerun_nothing(engines):
+    """A backbone dropped from ``backbones`` leaves models/<b>/ and predictions/<b>/, which DVC's gathering stages
+    (their deps are those folders) would record: `hcd pipeline prune` lists them (--dry-run), removes them, and
+    dvc status is clean again; a folder that is not a backbone's output (local weights) stays."""
+    import shutil
+
+    dvc_root = engines[0]
+    made = [dvc_root / "models/dropped", dvc_root / "predictions/dropped"]
+    shutil.copytree(dvc_root / "models/cnn", made[0])
+    shutil.copytree(dvc_root / "predictions/cnn", made[1])
+    weights = dvc_root / "models/pretrained/resnet.pth"
+    weights.parent.mkdir()
+    try:
+        weights.write_bytes(b"weights")
+        assert "up to date" not in sh(dvc_root, "dvc", "status"), "DVC did not see the leftover folders"
+        listed = sh(dvc_root, "hcd", "pipeline", "prune", "--dry-run")
+        assert "would remove models/dropped" in listed and "would remove predictions/dropped" in listed, listed
+        assert all(m.exists() for m in made)
+        sh(dvc_root, "hcd", "pipeline", "prune")
+        assert not any(m.exists() for m in made) and weights.exists()
+        weights.unlink()
+        weights.parent.rmdir()
+        assert "up to date" in sh(dvc_root, "dvc", "status")
+    finally:
+        for m in [*made, weights.parent]:
+            shutil.rmtree(m, ignore_errors=True)
+
+
 def _clone_and_pull(dvc_root: Path, dest: Path, remote_args: list[str]) -> Path:
     """A fresh clone of the run's git history, with the remote as its default, then `hcd pull`."""
     sh(dest.parent, "git", "clone", "-q", str(dvc_root), str(dest))

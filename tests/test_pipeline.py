@@ -158,7 +158,8 @@ def test_every_module_a_stage_runs_is_a_code_dependency_of_it():
             f = todo.pop()
             if f not in seen:
                 seen.add(f)
-                todo += _hcd_imports(REPO / f)
+                if f not in NOT_DEPS:  # plumbing's own imports are plumbing (table.py's `hcd pipeline prune` is check's)
+                    todo += _hcd_imports(REPO / f)
         missing = seen - set(stage.deps) - NOT_DEPS - ({"hcd/env.py"} if stage.name == "metrics" else set())
         assert not missing, f"{stage.name} runs {sorted(missing)} but does not depend on it (hcd/pipeline/table.py)"
 
@@ -179,3 +180,40 @@ def test_a_model_folders_files_are_the_ones_the_table_declares(tmp_path):
     for reader in ("predict", "explain"):
         assert sorted(d.rsplit("/", 1)[1] for d in stages[reader].deps if d.startswith(f"models/{ITEM}/")) == written, reader
     assert sorted(g.rsplit("/", 1)[1] for g in stages["export"].gather) == written
+
+
+def test_prune_finds_every_place_a_dropped_backbone_wrote_and_nothing_else(tmp_path, capsys):
+    """Derived from the table: models/, predictions/, explain/, dvclive/ and the per-backbone logs. A folder without
+    a file the table names (local weights), a dot-entry and a kept backbone stay; a symlinked leftover is unlinked,
+    its target kept; the check stage warns while anything is left."""
+    from hcd.pipeline.prune import prune, stale_outputs
+    from hcd.stages.check import main as check_main
+
+    files = ["models/old/model.json", "models/old/checkpoint.pt", "predictions/old/val.csv", "explain/old/tiles.csv",
+             "dvclive/old/metrics.json", "logs/train/old.log", "logs/predict/old.log",
+             "models/cnn/model.json", "predictions/cnn/val.csv", "logs/train/cnn.log",
+             "models/pretrained/resnet.pth", "models/notes.txt", "models/.cache/model.json", "logs/check.log"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    (outside / "linked").mkdir(parents=True)
+    (outside / "linked/val.csv").write_text("x")
+    (tmp_path / "predictions/linked").symlink_to(outside / "linked")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["backbones"], params["models"] = ["cnn"], {"cnn": params["models"]["cnn"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    expect = sorted(tmp_path / f for f in ["models/old", "predictions/old", "predictions/linked", "explain/old", "dvclive/old",
+                                           "logs/train/old.log", "logs/predict/old.log"])
+    assert sorted(stale_outputs(["cnn"], tmp_path)) == expect
+    check_main([str(tmp_path / "params.yaml"), "--out", str(tmp_path / "data/check/params.json")])
+    assert "warning: dvclive/old, explain/old, logs/predict/old.log and 4 more: left by a backbone" in capsys.readouterr().err
+    assert prune(["cnn"], tmp_path, dry_run=True) == expect and all(p.exists() or p.is_symlink() for p in expect)
+    prune(["cnn"], tmp_path)
+    assert not any(p.exists() or p.is_symlink() for p in expect)
+    assert (outside / "linked/val.csv").exists(), "pruning followed a symlink out of the workspace"
+    assert all((tmp_path / f).exists() for f in files[7:]), "pruning removed something that was not a dropped backbone's output"
+    assert stale_outputs(["cnn"], tmp_path) == []
+    check_main([str(tmp_path / "params.yaml"), "--out", str(tmp_path / "data/check/params.json")])
+    assert "warning" not in capsys.readouterr().err

@@ -154,7 +154,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="check",
         script="workflow/scripts/check.py",
         args=(PARAMS_FILE, "--out", CHECKED),
-        deps=(PARAMS_FILE, *code_files("stages/check", "pipeline/params", "errors")),
+        deps=(PARAMS_FILE, *code_files("stages/check", "pipeline/params", "pipeline/prune", "errors")),
         outs=(CHECKED,),
     ),
     Stage(
@@ -385,10 +385,19 @@ def render_dvc_yaml(stages: tuple[Stage, ...] = STAGES) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="hcd pipeline", description="write, check or print dvc.yaml, rendered from the stage table")
-    ap.add_argument("action", choices=["write", "check", "show"], help="write: regenerate the file; check: fail when it is out of date; show: print it")
+    ap = argparse.ArgumentParser(prog="hcd pipeline", description="write, check or print dvc.yaml, rendered from the stage table; prune what dropped backbones left")
+    ap.add_argument("action", choices=["write", "check", "show", "prune"], help="write: regenerate the file; check: fail when it is out of date; show: print it; "
+                    "prune: remove the outputs of backbones no longer in params.yaml's backbones (models/<b>/, predictions/<b>/, …)")
     ap.add_argument("--file", default="dvc.yaml", help="the file to write or check (default: dvc.yaml)")
+    ap.add_argument("--params", default=PARAMS_FILE, help=f"prune: the params whose backbones stay (default: {PARAMS_FILE})")
+    ap.add_argument("--dry-run", action="store_true", help="prune: list what would be removed, remove nothing")
     args = ap.parse_args(argv)
+    if args.action == "prune":
+        from hcd.pipeline.params import load_params
+        from hcd.pipeline.prune import prune
+
+        prune(load_params(args.params).backbones, dry_run=args.dry_run)
+        return
     text = render_dvc_yaml()
     path = Path(args.file)
     if args.action == "show":

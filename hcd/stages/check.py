@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hcd.atomic import clean_stale_temps, write_json
 from hcd.pipeline.params import load_params
+from hcd.pipeline.prune import stale_outputs
 
 MARKER = {"params.yaml": "valid", "checked_by": "hcd check (hcd/check.py)"}  # constant: reruns nothing downstream
 
@@ -37,3 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     write_json(args.out, MARKER)
     print(f"check: {args.params} is valid ({len(params.backbones)} backbones: {', '.join(params.backbones)})", file=sys.stderr)
+    warn_stale(params.backbones, Path(args.params).parent)
+
+
+def warn_stale(backbones: list[str], root: Path) -> None:
+    """One line when a dropped backbone's outputs are still here (hcd.pipeline.prune says why that matters)."""
+    stale = stale_outputs(backbones, root)
+    if stale:
+        shown = ", ".join(str(p.relative_to(root)) for p in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        print(f"check: warning: {shown}: left by a backbone no longer in backbones; DVC would record it among the inputs of "
+              "ensemble, metrics, report and export (a fresh clone would rerun them): `hcd pipeline prune` removes it", file=sys.stderr)
