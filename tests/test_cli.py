@@ -24,7 +24,7 @@ def test_help_prints_usage_and_writes_nothing(tmp_path, cmd):
 
 def test_top_level_help_names_every_command_the_readme_uses():
     out = subprocess.run([sys.executable, "-m", "hcd", "--help"], env=ENV, capture_output=True, text=True).stdout
-    for words in ("params flags", "params apply", "pipeline write", "score", "demo-truth", *STAGE_MODULES):
+    for words in ("params flags", "params apply", "pipeline write", "pipeline prune", "score", "demo-truth", *STAGE_MODULES):
         assert words in out, words
     assert "``" not in out, "raw reStructuredText in the help"
 
