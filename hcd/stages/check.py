@@ -27,7 +27,10 @@ from hcd.atomic import clean_stale_temps, write_json
 from hcd.pipeline.params import load_params
 from hcd.pipeline.prune import stale_outputs
 
-MARKER = {"params.yaml": "valid", "checked_by": "hcd check (hcd/check.py)"}  # constant: reruns nothing downstream
+# Constant, so a valid change reruns nothing downstream. Every stage depends on this file's bytes:
+# editing the text (it names the module's path before hcd/stages/) would rerun every stage, training
+# included, in every user's checkout once — so it stays as it is.
+MARKER = {"params.yaml": "valid", "checked_by": "hcd check (hcd/check.py)"}
 
 
 def main(argv: list[str] | None = None) -> None:
