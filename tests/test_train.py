@@ -95,7 +95,7 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_writes_nothing(tiny_data, tmp
         ({"lr": -1}, "lr: Input should be greater than 0"),
         ({"predict": {"tta": 3}}, "predict.tta"),
         ({"backbones": ["cnn", "resnet18"], "models": {"cnn": {}}}, "models: backbone 'resnet18' has no entry; add `resnet18: {}` under models (with dvc exp run: -S '++models.resnet18={}')"),
-        ({"backbones": ["cnn"], "models": {"cnn": {}, "resnet18": {}}}, "models: 'resnet18' is not in backbones"),
+        ({"backbones": ["cnn"], "models": {"cnn": {}, "resnet18": {}}}, "models: 'resnet18' is not in backbones ['cnn']; drop its entry (with dvc exp run: -S '~models.resnet18')"),
     ],
 )
 def test_params_errors_name_the_key_before_any_work(tmp_path, raw, words):

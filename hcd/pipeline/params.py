@@ -199,7 +199,8 @@ class Params(_Strict):
             raise ValueError(f"backbones: unknown backbone {unknown[0]!r} (any timm model name, or 'cnn')")
         for name in self.models:
             if name not in self.backbones:
-                raise ValueError(f"models: {excerpt(name)} is not in backbones {self.backbones}")
+                fix = f"; drop its entry (with dvc exp run: -S '~models.{name}')" if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", name) else ""  # echoed only when safe to paste
+                raise ValueError(f"models: {excerpt(name)} is not in backbones {self.backbones}{fix}")
         for name in self.backbones:  # data-parallel ranks take equal shares of every batch
             cfg = self.for_backbone(name)[1]
             if cfg.batch_size % cfg.processes:
