@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU issue's measurements in one go, for the first session that is lent a GPU (device tool:
 # one call of at most 10 minutes). Prepare here first:  bash benchmarks/gpu_check.sh --wheels
-# (downloads, on this machine, the wheels the GPU image lacks into .whl/, git-ignored), then run there:
+# (downloads, on this machine, the wheels the GPU image lacks into .whl/, git-ignored: benchmarks/gpu_wheels.py),
+# then run there:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
 # 1. tests: the CUDA tests (tests/test_gpu.py: hot loop and TTA under sync-debug "error";
 #    tests/test_data_paths.py: GPU-resident = host = memory-mapped batches), then the unit suite
-#    without the engine tests (DVC and Snakemake are not installed there), in one process
+#    without the engine tests (Snakemake is not carried there), in one process
 #    (-o addopts= drops pyproject's pytest-xdist options: the GPU image may lack it);      ~2 min
 # 2. benchmarks/bench_speed.py on the GPU: resnet18, efficientnet_b0, densenet169, seresnet50,
 #    hcd loop / bare step and TTA x8 / bare forward, patches/s, peak GPU memory;     ~3 min
@@ -19,13 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--wheels" ]]; then  # here, not there: the GPU machine reaches no network
-    mkdir -p .whl
     grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-    for pkg in pydantic pydantic-core annotated-types typing-inspection dvclive isal ruamel.yaml kaggle grad-cam ttach opencv-python-headless; do
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl "$pkg" \
-            || python3 -m pip download -q --no-deps --python-version 3.12 -d .whl "$pkg"
-    done
-    ls .whl
+    python3 benchmarks/gpu_wheels.py .whl  # what the image lacks (DVC's closure, for dvclive), pinned
     exit 0
 fi
 
@@ -33,12 +29,18 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT" benchmarks/out
 export PYTHONPATH=$PWD HCD_WORKERS=${HCD_WORKERS:-16} DVC_NO_ANALYTICS=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-if [[ -d .whl ]]; then python3 -m pip install -q --no-index --no-deps --find-links .whl .whl/* 2>&1 | tail -2 || true; fi
+if [[ -d .whl ]]; then  # none of them is in the image; --no-deps: the image's own versions stay (a pin such as
+    # celery's python-dateutil==2.9.0.post0 would otherwise stop pip's resolver on a module hcd never imports)
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl > "$OUT/pip.txt" 2>&1 || { echo "carried wheels did not install:"; tail -5 "$OUT/pip.txt"; }
+    python3 -m pip check >> "$OUT/pip.txt" 2>&1 || true
+fi
+python3 -c "import dvclive.live, dvc.repo, pytorch_grad_cam, isal, ruamel.yaml, pydantic, kaggle.api; print('the carried packages import')" 2>&1 | tail -1 | tee "$OUT/imports.txt" || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/torch.txt"
 
 start=$(date +%s)
 report="$(cd "$OUT" && pwd)/gpu_check.json"
 steps=${HCD_GPU_CHECK_STEPS:-1 2 3}  # a rerun can take only some, e.g. HCD_GPU_CHECK_STEPS=3
+# HCD_GPU_CHECK_PARAMS='{"train": {"batch_size": 512}}' changes step 3's params (JSON, merged one level deep)
 rm -f "$report"
 if [[ " $steps " == *" 3 "* ]]; then
 work=$(mktemp -d)  # step 3's workspace, set up first so that its data renders while steps 1-2 run
@@ -47,11 +49,13 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$work/" 2>/dev/null
 cd "$work"
 python3 -m hcd params apply configs/gpu-speedrun.yaml >/dev/null
 python3 - <<'PY'
-import os, yaml
+import json, os, yaml
 p = yaml.safe_load(open("params.yaml"))
 n = int(os.environ.get("HCD_GPU_N_TRAIN", "100000"))
 p["data"] = {**p["data"], "source": "demo", "demo": {**p["data"]["demo"], "n_train": n, "n_test": n // 4, "n_slides": max(60, n // 110)}}
 p["split"]["groups"] = "data/groups/demo_slides.csv"
+for key, value in json.loads(os.environ.get("HCD_GPU_CHECK_PARAMS", "{}")).items():  # a rerun's changes, e.g. a smaller batch
+    p[key] = {**p[key], **value} if isinstance(value, dict) and isinstance(p.get(key), dict) else value
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 python3 -m hcd demo-truth data/groups
@@ -70,8 +74,13 @@ for s in STAGES:
     for b in (backbones if s.per_backbone else [None]):
         cmd = (s.cmd.replace(ITEM, b) if b else s.cmd).replace("python ", sys.executable + " ", 1)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=400)
         key = f"{s.name}@{b}" if b else s.name
+        try:
+            proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=400)
+        except subprocess.TimeoutExpired as exc:  # the stages timed so far still reach the report
+            times[key] = round(time.perf_counter() - t0, 1)
+            print(f"{key}: stopped after {times[key]} s (400 s limit)", (exc.stderr or b"")[-2000:].decode(errors="replace"), flush=True)
+            ok = False; break
         times[key] = round(time.perf_counter() - t0, 1)
         print(f"{key}: {times[key]} s", proc.stderr.strip().splitlines()[-1:] if proc.stderr else "", flush=True)
         if proc.returncode:
@@ -81,6 +90,7 @@ for s in STAGES:
 out = json.load(open(report)) if os.path.exists(report) else {"stage_seconds": {}}
 out["stage_seconds"].update(times)
 out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
+out["completed"] = out.get("completed", True) and ok  # every stage so far ended, none timed out
 if ok and "metrics" in times:  # this run's metrics, not the copied checkout's
     m = json.load(open("metrics/metrics.json"))
     out["oof_auc"] = {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}
