@@ -8,6 +8,9 @@ Usage:
    normalisation, autocast, optimizer and schedule: ``hcd.runtime.loop.train_steps``)
    ÷ a bare timm forward + backward + optimizer step on ready-made tensors of the
    same batch shape, per backbone. Target >= 0.90 (CPU and GPU).
+   Beside it (unless --skip-peer), the peer a user would otherwise write: a torch Dataset reading each
+   ``.tif`` with tifffile, per-image crop, flips and normalisation, and a DataLoader with a worker per
+   core and pinned memory, feeding the same step: hcd ÷ peer patches/s (notebook D's shape).
 2. TTA x8 prediction throughput (``hcd.model.inference.predict_probs``) ÷ a bare 8-view
    forward of ready-made tensors. Target >= 0.90.
 3. Scan throughput ÷ a plain ``tifffile.imread`` loop (``bench_data.py``).
@@ -109,7 +112,73 @@ def hcd_train(model: torch.nn.Module, name: str, batch: int, crop: int, steps: i
     return time.perf_counter() - t
 
 
-def training_ratio(name: str, batch: int, crop: int, steps: int, device: torch.device) -> dict:
+class TifPatches(torch.utils.data.Dataset):
+    """The peer a user would otherwise write (notebook D's shape): one ``.tif`` read per item, per-image
+    centre crop, random flips and normalisation in the DataLoader's workers."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, crop: int) -> None:
+        from torchvision.transforms import v2
+
+        self.files, self.labels = files, labels
+        self.tf = v2.Compose([v2.CenterCrop(crop), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.7, 0.55, 0.7], [0.24, 0.28, 0.22])])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import tifffile
+
+        img = torch.from_numpy(tifffile.imread(self.files[i])).permute(2, 0, 1)
+        return self.tf(img), torch.tensor([self.labels[i]], dtype=torch.float32)
+
+
+def write_tifs(folder: Path, n: int) -> list[Path]:
+    """``n`` Kaggle-like patches as ``<40-hex id>.tif`` files (uncompressed RGB, as Kaggle's are)."""
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{i:040x}.tif" for i in range(n)]
+    for f, img in zip(files, packed_like(n, 3)):
+        tifffile.imwrite(f, img, photometric="rgb")
+    return files
+
+
+def peer_train(model: torch.nn.Module, files: list[Path], batch: int, crop: int, device: torch.device) -> tuple[float, int]:
+    """Seconds for one epoch (len(files) // batch steps) of the same step fed by a tifffile Dataset and a
+    DataLoader with a worker per core and pinned memory (its workers already started); and the workers."""
+    from hcd import env
+
+    workers = env.cpu_count()
+    loader = torch.utils.data.DataLoader(TifPatches(files, np.arange(len(files)) % 2, crop), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = autocast_dtype(device)
+    model.train()
+
+    def epoch(limit: int | None = None) -> None:
+        for i, (x, y) in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            x = x.to(device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(x).float()
+            loss = F.binary_cross_entropy_with_logits(out, y.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    epoch(limit=2)  # starts the workers
+    sync(device)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        epoch()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), workers
+
+
+def training_ratio(name: str, batch: int, crop: int, steps: int, device: torch.device, tifs: list[Path] | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(name).to(device)
     if device.type == "cuda":
@@ -120,6 +189,10 @@ def training_ratio(name: str, batch: int, crop: int, steps: int, device: torch.d
         t_hcd.append(hcd_train(model, name, batch, crop, steps, device))
     bare, ours = float(np.median(t_bare)), float(np.median(t_hcd))
     out = {"ratio": round(bare / ours, 3), "hcd_patches_per_s": round(batch * steps / ours), "bare_patches_per_s": round(batch * steps / bare), "batch": batch, "crop": crop}
+    if tifs:  # hcd's loop against the Dataset + DataLoader a user would write, same model, batch and crop
+        t_peer, workers = peer_train(model, tifs, batch, crop, device)
+        peer = batch * (len(tifs) // batch) / t_peer
+        out |= {"peer_patches_per_s": round(peer), "peer_workers": workers, "hcd_vs_peer": round(out["hcd_patches_per_s"] / peer, 2)}
     if device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return out
@@ -225,6 +298,7 @@ def main() -> None:
     ap.add_argument("--full-size", action="store_true")
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--skip-peer", action="store_true", help="no tifffile Dataset + DataLoader comparison")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results.json"))
     args = ap.parse_args()
     set_threads()
@@ -234,13 +308,16 @@ def main() -> None:
     steps = args.steps or (50 if gpu else 10)
     res: dict = {"device": device.type, "train": {}, "tta8": {}}
     print(f"device {device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}), batch {batch}, crop {args.crop}, {steps} steps")
-    for name in args.backbones:
-        r = res["train"][name] = training_ratio(name, batch, args.crop, steps, device)
-        print(f"train {name}: hcd loop / bare step = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
-        r = res["tta8"][name] = tta_ratio(name, batch, args.crop, max(2, steps // 2), device)
-        print(f"tta8 {name}: hcd predict / bare 8-view forward = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        tifs = None if args.skip_peer else write_tifs(work / "tifs", batch * max(3, steps // 5))
+        for name in args.backbones:
+            r = res["train"][name] = training_ratio(name, batch, args.crop, steps, device, tifs)
+            print(f"train {name}: hcd loop / bare step = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
+            if tifs:
+                print(f"peer {name}: hcd loop / tifffile Dataset + DataLoader ({r['peer_workers']} workers, pinned on a GPU) = {r['hcd_vs_peer']} ({r['hcd_patches_per_s']} vs {r['peer_patches_per_s']} patches/s)")
+            r = res["tta8"][name] = tta_ratio(name, batch, args.crop, max(2, steps // 2), device)
+            print(f"tta8 {name}: hcd predict / bare 8-view forward = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
         if not args.skip_scan:
             from bench_data import scaled_archive, throughput
 

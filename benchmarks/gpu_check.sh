@@ -10,7 +10,8 @@
 #    without the engine tests (Snakemake is not carried there), in one process
 #    (-o addopts= drops pyproject's pytest-xdist options: the GPU image may lack it);      ~2 min
 # 2. benchmarks/bench_speed.py on the GPU: resnet18, efficientnet_b0, densenet169, seresnet50,
-#    hcd loop / bare step and TTA x8 / bare forward, patches/s, peak GPU memory;     ~3 min
+#    hcd loop / bare step, hcd / a tifffile Dataset + DataLoader (the peer), TTA x8 / bare forward,
+#    patches/s, peak GPU memory;                                                    ~3-4 min
 # 3. configs/gpu-speedrun.yaml on a generated dataset (HCD_GPU_N_TRAIN patches, default 100,000)
 #    stage by stage through `hcd <stage>` in the table's order, each stage timed;     ~4 min
 #    its check and download stages (rendering 125,000 patches: a CPU job of 1-2 minutes on 8 cores)
@@ -110,7 +111,7 @@ fi
 
 if [[ " $steps " == *" 2 "* ]]; then
 echo "== 2. bench_speed"
-timeout 200 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
+timeout 240 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
 cp benchmarks/results.json "$OUT/results.json" 2>/dev/null || true
 fi
 
