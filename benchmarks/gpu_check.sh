@@ -16,14 +16,26 @@
 #    stage by stage through `hcd <stage>` in the table's order, each stage timed;     ~4 min
 #    its check and download stages (rendering 125,000 patches: a CPU job of 1-2 minutes on 8 cores)
 #    run in the background, niced, on half the cores, while steps 1-2 use the GPU.
-# Figures: benchmarks/results.json (bench_speed) and $OUT/gpu_check.json (stage times, AUCs).
+# Figures: $OUT/results.json (bench_speed's, for benchmarks/results.json) and $OUT/gpu_check.json (stage times, AUCs).
+# Rehearse here first: bash benchmarks/gpu_check.sh --rehearse  (every step on the CPU, in a venv with the image's
+# Python and versions, small sizes; about 10 minutes, 5 more the first time; figures in benchmarks/out/rehearsal/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--wheels" ]]; then  # here, not there: the GPU machine reaches no network
-    grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
     python3 benchmarks/gpu_wheels.py .whl  # what the image lacks (DVC's closure, for dvclive), pinned
     exit 0
+fi
+
+if [[ "${1:-}" == "--rehearse" ]]; then  # here, on the CPU: every step in a venv that stands in for the image
+    [[ -f .whl/image-requirements.txt ]] || { echo "gpu_check: run 'bash benchmarks/gpu_check.sh --wheels' first"; exit 2; }
+    venv=.gpu-rehearsal  # the image's Python (3.12) and versions of torch, numpy, onnx...: .whl/image-requirements.txt
+    [[ -x $venv/bin/python3 ]] || "$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import gpu_wheels; print(gpu_wheels.python312())')" -m venv "$venv"
+    "$venv/bin/python3" -m pip install -q -r .whl/image-requirements.txt 2>&1 | grep -v "^WARNING" || true
+    export PATH="$PWD/$venv/bin:$PATH" OUT=${OUT:-benchmarks/out/rehearsal} HCD_GPU_N_TRAIN=${HCD_GPU_N_TRAIN:-1600} HCD_WORKERS=$(nproc)
+    export HCD_GPU_CHECK_PARAMS=${HCD_GPU_CHECK_PARAMS:-'{"train": {"batch_size": 64, "epochs": 2}, "predict": {"batch_size": 256}}'}
+    export HCD_GPU_CHECK_BENCH_ARGS=${HCD_GPU_CHECK_BENCH_ARGS:-"--batch 16 --steps 2"}  # a CPU's pace: checks the code path, not speed
+    exec bash "$0"
 fi
 
 OUT=${OUT:-benchmarks/out}
@@ -60,6 +72,7 @@ for key, value in json.loads(os.environ.get("HCD_GPU_CHECK_PARAMS", "{}")).items
 yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 python3 -m hcd demo-truth data/groups
+python3 -m hcd pipeline prune >/dev/null  # the copied checkout's dvclive/<b>/ of the demo's backbones (check warns of them)
 cat > run_stages.py <<'PY'
 """run_stages.py REPORT only|except STAGE...: the named stages (only) or every other (except), in the
 table's order, each timed; the times are merged into the JSON report."""
@@ -111,8 +124,8 @@ fi
 
 if [[ " $steps " == *" 2 "* ]]; then
 echo "== 2. bench_speed"
-timeout 240 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
-cp benchmarks/results.json "$OUT/results.json" 2>/dev/null || true
+# shellcheck disable=SC2086  # the extra arguments split into words on purpose
+timeout 240 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan --out "$OUT/results.json" ${HCD_GPU_CHECK_BENCH_ARGS:-} 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
 fi
 
 if [[ " $steps " == *" 3 "* ]]; then

@@ -14,7 +14,9 @@ Steps (here, with network):
 3. download the rest at the resolved versions (``--no-deps``), building a wheel where PyPI has only
    an sdist (grad-cam, antlr4: pure Python), so that the machine, offline, installs with no build;
 4. write ``requirements.txt`` beside them (the list, for the record). There, gpu_check.sh installs them
-   with ``--no-deps``: none is in the image, and the image's own versions stay as they are.
+   with ``--no-deps``: none is in the image, and the image's own versions stay as they are. And
+   ``image-requirements.txt``: the image's side of the closure, at the versions the page saw there, from
+   which ``gpu_check.sh --rehearse`` builds a CPU venv that stands in for the image.
 
 Usage: python3 benchmarks/gpu_wheels.py OUT_DIR [--python PYTHON3.12] [--image-list KINDS.md]
 """
@@ -47,6 +49,22 @@ def image_packages(kinds: Path) -> set[str]:
     if not m:
         raise SystemExit(f"{kinds}: no 'Packages: ...' list of the GPU image")
     return {norm(p) for p in m.group(1).split(",")}
+
+
+def image_versions(kinds: Path) -> dict[str, str]:
+    """The versions a session's ``pip list`` saw on the image (the page's "filtered by the names it asked
+    for: name version, ..." row): torch, torchvision, numpy, onnx... as they are there."""
+    m = re.search(r"filtered by the names it asked for: (.*?) \|", kinds.read_text())
+    return {norm(n): v for n, v in re.findall(r"([\w.-]+) (\d[\w.+]*)", m.group(1))} if m else {}
+
+
+def rehearsal_requirements(closure: list[dict], have: set[str], seen: dict[str, str]) -> list[str]:
+    """A requirements list for a venv that stands in for the image on a CPU machine: the closure's
+    packages that the image holds, at the versions seen there where the page gives one (the rest at
+    the newest: the page lists names only)."""
+    wanted = {"torch", "torchvision", "numpy", "onnx", "onnxruntime", "onnxscript", "safetensors", "pytest", "pytest-xdist", "hypothesis"}  # + the GPU steps' test tools
+    names = sorted({norm(i["metadata"]["name"]) for i in closure if norm(i["metadata"]["name"]) in have} | (wanted & have))
+    return [f"{n}=={seen[n]}" if n in seen else n for n in names if n == "nvidia-ml-py" or not (n.startswith(("nvidia-", "cuda-")) or n == "triton")]  # torch brings its CUDA wheels
 
 
 def python312() -> str:
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         if sdists:  # pure-Python sdists: built here once, so the offline machine needs no build backend
             subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(args.out_dir), *sdists], check=True)
     (args.out_dir / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v, _ in carry))
+    # for `gpu_check.sh --rehearse`: what a CPU venv needs to stand in for the image
+    (args.out_dir / "image-requirements.txt").write_text("".join(f"{r}\n" for r in rehearsal_requirements(closure, have, image_versions(args.image_list))))
     size = sum(p.stat().st_size for p in args.out_dir.glob("*.whl"))
     print(f"{len(carry)} wheels ({size / 2**20:.1f} MiB) in {args.out_dir}; {len(closure) - len(carry)} packages of the closure are in the image", file=sys.stderr)
 
