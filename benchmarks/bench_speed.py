@@ -65,6 +65,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+    """One forward + backward + optimizer step as a user writes it: autocast where hcd uses it, nothing else."""
+    dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(x).float()
+    loss = F.binary_cross_entropy_with_logits(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def bare_train(model: torch.nn.Module, batch: int, size: int, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` forward+backward+AdamW steps on ready-made tensors."""
     x = torch.randn(batch, 3, size, size, device=device)
@@ -72,23 +83,13 @@ def bare_train(model: torch.nn.Module, batch: int, size: int, steps: int, device
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = autocast_dtype(device)
     model.train()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x).float()
-        loss = F.binary_cross_entropy_with_logits(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     for _ in range(3):
-        step()
+        plain_step(model, opt, x, y, device)
     sync(device)
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        plain_step(model, opt, x, y, device)
     sync(device)
     return time.perf_counter() - t
 
@@ -151,7 +152,6 @@ def peer_train(model: torch.nn.Module, files: list[Path], batch: int, crop: int,
     workers = env.cpu_count()
     loader = torch.utils.data.DataLoader(TifPatches(files, np.arange(len(files)) % 2, crop), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = autocast_dtype(device)
     model.train()
 
     def epoch(limit: int | None = None) -> None:
@@ -160,12 +160,7 @@ def peer_train(model: torch.nn.Module, files: list[Path], batch: int, crop: int,
                 break
             x = x.to(device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                out = model(x).float()
-            loss = F.binary_cross_entropy_with_logits(out, y.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            plain_step(model, opt, x, y.to(device, non_blocking=True), device)
 
     epoch(limit=2)  # starts the workers
     sync(device)

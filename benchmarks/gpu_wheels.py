@@ -4,7 +4,7 @@ The device tool's GPU machine reaches no network and runs its own image's python
 timm, numpy, pandas, onnx... at the image's versions). What hcd needs beyond that image must be carried
 there as wheels. Carrying `dvclive` alone is not enough: its ``Live`` imports ``dvc.repo``, so the train
 stage needs DVC's whole closure (scmrepo, dvc-data, pygit2, ...). Found by running the GPU steps in a
-Python 3.12 venv holding the image's packages (2026-12-02): the train tests failed with
+Python 3.12 venv holding the image's packages (2026-12-01): the train tests failed with
 "No module named 'dvc'".
 
 Steps (here, with network):
@@ -43,6 +43,11 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
+def req_name(line: str) -> str:
+    """The normalised package name of a requirement or constraint line ("" for a comment or blank)."""
+    return norm(re.split(r"[<>=!~ ;\[#]", line.strip())[0])
+
+
 def image_packages(kinds: Path) -> set[str]:
     text = kinds.read_text()
     m = re.search(r"holds these.*?Packages: (.*?)\.\s*$", text, re.S | re.M)
@@ -77,9 +82,9 @@ def resolve(python: str, tmp: Path) -> list[dict]:
     """hcd's dependency closure for ``python`` (3.12), every version as constraints.txt pins it."""
     read = "import json, sys, tomllib; print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))"  # 3.11+
     listed = json.loads(subprocess.run([python, "-c", read, str(REPO / "pyproject.toml")], check=True, capture_output=True, text=True).stdout)
-    deps = [d for d in listed if norm(re.split(r"[<>=!~ ;\[]", d)[0]) not in NOT_CARRIED]
+    deps = [d for d in listed if req_name(d) not in NOT_CARRIED]
     (tmp / "req.txt").write_text("\n".join(deps) + "\n")
-    pins = [ln for ln in (REPO / "constraints.txt").read_text().splitlines() if norm(re.split(r"[<>=!~ ;\[]", ln.strip())[0] or "#") not in NO_312_WHEEL]
+    pins = [ln for ln in (REPO / "constraints.txt").read_text().splitlines() if req_name(ln) not in NO_312_WHEEL]
     (tmp / "cons.txt").write_text("\n".join(pins) + "\n")
     report = tmp / "report.json"
     cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--prefer-binary", "--quiet", "--report", str(report), "-c", str(tmp / "cons.txt"), "-r", str(tmp / "req.txt")]
@@ -115,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "-w", str(args.out_dir), *sdists], check=True)
     (args.out_dir / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v, _ in carry))
     # for `gpu_check.sh --rehearse`: what a CPU venv needs to stand in for the image
-    (args.out_dir / "image-requirements.txt").write_text("".join(f"{r}\n" for r in rehearsal_requirements(closure, have, image_versions(args.image_list))))
+    seen = image_versions(args.image_list)
+    if not seen:
+        print(f"gpu_wheels: warning: {args.image_list} gives no versions seen on the image; a rehearsal takes the newest torch", file=sys.stderr)
+    (args.out_dir / "image-requirements.txt").write_text("".join(f"{r}\n" for r in rehearsal_requirements(closure, have, seen)))
     size = sum(p.stat().st_size for p in args.out_dir.glob("*.whl"))
     print(f"{len(carry)} wheels ({size / 2**20:.1f} MiB) in {args.out_dir}; {len(closure) - len(carry)} packages of the closure are in the image", file=sys.stderr)
 
