@@ -313,6 +313,7 @@ def main() -> None:
                 print(f"peer {name}: hcd loop / tifffile Dataset + DataLoader ({r['peer_workers']} workers, pinned on a GPU) = {r['hcd_vs_peer']} ({r['hcd_patches_per_s']} vs {r['peer_patches_per_s']} patches/s)")
             r = res["tta8"][name] = tta_ratio(name, batch, args.crop, max(2, steps // 2), device)
             print(f"tta8 {name}: hcd predict / bare 8-view forward = {r['ratio']} ({r['hcd_patches_per_s']} vs {r['bare_patches_per_s']} patches/s; target >= 0.90)")
+            write_json(args.out, res)  # each backbone's figures as they come: a run stopped by a time limit keeps them
         if not args.skip_scan:
             from bench_data import scaled_archive, throughput
 

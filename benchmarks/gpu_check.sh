@@ -51,6 +51,10 @@ python3 -c "import dvclive.live, dvc.repo, pytorch_grad_cam, isal, ruamel.yaml, 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/torch.txt"
 
 start=$(date +%s)
+# One deadline for all steps, inside the device call's 600 s: each step's timeout is cut to what is left, and step 3
+# stops its stage in time to write the report, so a slow step costs the later ones time, never the figures so far.
+export HCD_GPU_CHECK_DEADLINE=$(( start + ${HCD_GPU_CHECK_BUDGET:-570} ))
+left() { local l=$(( HCD_GPU_CHECK_DEADLINE - $(date +%s) )); (( l > $1 )) && l=$1; (( l < 1 )) && l=1; echo "$l"; }
 report="$(cd "$OUT" && pwd)/gpu_check.json"
 steps=${HCD_GPU_CHECK_STEPS:-1 2 3}  # a rerun can take only some, e.g. HCD_GPU_CHECK_STEPS=3
 # HCD_GPU_CHECK_PARAMS='{"train": {"batch_size": 512}}' changes step 3's params (JSON, merged one level deep)
@@ -80,8 +84,25 @@ import json, os, subprocess, sys, time
 from hcd.pipeline.params import load_params
 from hcd.pipeline.table import STAGES, ITEM
 report, mode, names = sys.argv[1], sys.argv[2], set(sys.argv[3:])
-times, backbones = {}, load_params("params.yaml").backbones
+times, ended, backbones = {}, [], load_params("params.yaml").backbones
 ok = True
+deadline = float(os.environ.get("HCD_GPU_CHECK_DEADLINE", time.time() + 1e9))
+
+def save(final: bool) -> None:
+    """Merge this run's times into the report; called after every stage, so a run cut short keeps them."""
+    out = json.load(open(report)) if os.path.exists(report) else {"stage_seconds": {}}
+    out["stage_seconds"].update(times)
+    out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
+    runs = out.setdefault("runs", {})  # each run_stages.py call: running (a killed run stays so), ok or failed
+    runs[f"{mode} {' '.join(sorted(names))}"] = ("ok" if ok else "failed") if final else "running"
+    out["completed"] = all(v == "ok" for v in runs.values())  # every run ended and no stage failed or timed out
+    if "metrics" in ended:  # this run's metrics (not the copied checkout's), even if a later stage is cut short
+        m = json.load(open("metrics/metrics.json"))
+        out["oof_auc"] = {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}
+    json.dump(out, open(report + ".tmp", "w"), indent=2)
+    os.replace(report + ".tmp", report)
+
+save(final=False)
 for s in STAGES:
     if (s.name in names) != (mode == "only"):
         continue
@@ -89,26 +110,22 @@ for s in STAGES:
         cmd = (s.cmd.replace(ITEM, b) if b else s.cmd).replace("python ", sys.executable + " ", 1)
         t0 = time.perf_counter()
         key = f"{s.name}@{b}" if b else s.name
+        limit = max(1.0, min(400.0, deadline - time.time()))  # the stage's own 400 s, or what the run has left
         try:
-            proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=400)
+            proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as exc:  # the stages timed so far still reach the report
             times[key] = round(time.perf_counter() - t0, 1)
-            print(f"{key}: stopped after {times[key]} s (400 s limit)", (exc.stderr or b"")[-2000:].decode(errors="replace"), flush=True)
+            print(f"{key}: stopped after {times[key]} s ({limit:.0f} s limit)", (exc.stderr or b"")[-2000:].decode(errors="replace"), flush=True)
             ok = False; break
         times[key] = round(time.perf_counter() - t0, 1)
         print(f"{key}: {times[key]} s", proc.stderr.strip().splitlines()[-1:] if proc.stderr else "", flush=True)
         if proc.returncode:
             print(proc.stderr[-2000:]); ok = False; break
+        ended.append(key)
+        save(final=False)
     if not ok:
         break
-out = json.load(open(report)) if os.path.exists(report) else {"stage_seconds": {}}
-out["stage_seconds"].update(times)
-out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
-out["completed"] = out.get("completed", True) and ok  # every stage so far ended, none timed out
-if ok and "metrics" in times:  # this run's metrics, not the copied checkout's
-    m = json.load(open("metrics/metrics.json"))
-    out["oof_auc"] = {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}
-json.dump(out, open(report, "w"), indent=2)
+save(final=True)
 sys.exit(0 if ok else 1)
 PY
 HCD_WORKERS=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 )) nice -n 10 python3 run_stages.py "$report" only check download  # half the cores
@@ -118,14 +135,14 @@ fi
 
 if [[ " $steps " == *" 1 "* ]]; then
 echo "== 1. tests"
-timeout 150 python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
-timeout 120 python3 -m pytest -o addopts= -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py tests/test_gpuslots.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
+timeout "$(left 150)" python3 -m pytest -o addopts= -q -p no:cacheprovider tests/test_gpu.py tests/test_data_paths.py 2>&1 | tail -5 | tee "$OUT/tests_cuda.txt" || true
+timeout "$(left 120)" python3 -m pytest -o addopts= -q -p no:cacheprovider -m "not e2e and not realdata" -x tests/test_train.py tests/test_models_augment.py tests/test_kfold.py tests/test_gpuslots.py 2>&1 | tail -3 | tee "$OUT/tests_unit.txt" || true
 fi
 
 if [[ " $steps " == *" 2 "* ]]; then
 echo "== 2. bench_speed"
 # shellcheck disable=SC2086  # the extra arguments split into words on purpose
-timeout 240 python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan --out "$OUT/results.json" ${HCD_GPU_CHECK_BENCH_ARGS:-} 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
+timeout "$(left 240)" python3 benchmarks/bench_speed.py --backbones resnet18 efficientnet_b0 densenet169 seresnet50 --crop 96 --skip-engines --skip-scan --out "$OUT/results.json" ${HCD_GPU_CHECK_BENCH_ARGS:-} 2>&1 | tail -25 | tee "$OUT/bench_speed.txt" || true
 fi
 
 if [[ " $steps " == *" 3 "* ]]; then
