@@ -13,7 +13,7 @@
 #    hcd loop / bare step, hcd / a tifffile Dataset + DataLoader (the peer), TTA x8 / bare forward,
 #    patches/s, peak GPU memory;                                                    ~3-4 min
 # 3. configs/gpu-speedrun.yaml on a generated dataset (HCD_GPU_N_TRAIN patches, default 100,000)
-#    stage by stage through `hcd <stage>` in the table's order, each stage timed;     ~4 min
+#    stage by stage (benchmarks/run_stages.py: the table's commands in order, each timed);  ~4 min
 #    its check and download stages (rendering 125,000 patches: a CPU job of 1-2 minutes on 8 cores)
 #    run in the background, niced, on half the cores, while steps 1-2 use the GPU.
 # Figures: $OUT/results.json (bench_speed's, for benchmarks/results.json) and $OUT/gpu_check.json (stage times, AUCs).
@@ -77,58 +77,7 @@ yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
 PY
 python3 -m hcd demo-truth data/groups
 python3 -m hcd pipeline prune >/dev/null  # the copied checkout's dvclive/<b>/ of the demo's backbones (check warns of them)
-cat > run_stages.py <<'PY'
-"""run_stages.py REPORT only|except STAGE...: the named stages (only) or every other (except), in the
-table's order, each timed; the times are merged into the JSON report."""
-import json, os, subprocess, sys, time
-from hcd.pipeline.params import load_params
-from hcd.pipeline.table import STAGES, ITEM
-report, mode, names = sys.argv[1], sys.argv[2], set(sys.argv[3:])
-times, ended, backbones = {}, [], load_params("params.yaml").backbones
-ok = True
-deadline = float(os.environ.get("HCD_GPU_CHECK_DEADLINE", time.time() + 1e9))
-
-def save(final: bool) -> None:
-    """Merge this run's times into the report; called after every stage, so a run cut short keeps them."""
-    out = json.load(open(report)) if os.path.exists(report) else {"stage_seconds": {}}
-    out["stage_seconds"].update(times)
-    out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
-    runs = out.setdefault("runs", {})  # each run_stages.py call: running (a killed run stays so), ok or failed
-    runs[f"{mode} {' '.join(sorted(names))}"] = ("ok" if ok else "failed") if final else "running"
-    out["completed"] = all(v == "ok" for v in runs.values())  # every run ended and no stage failed or timed out
-    if "metrics" in ended:  # this run's metrics (not the copied checkout's), even if a later stage is cut short
-        m = json.load(open("metrics/metrics.json"))
-        out["oof_auc"] = {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}
-    json.dump(out, open(report + ".tmp", "w"), indent=2)
-    os.replace(report + ".tmp", report)
-
-save(final=False)
-for s in STAGES:
-    if (s.name in names) != (mode == "only"):
-        continue
-    for b in (backbones if s.per_backbone else [None]):
-        cmd = (s.cmd.replace(ITEM, b) if b else s.cmd).replace("python ", sys.executable + " ", 1)
-        t0 = time.perf_counter()
-        key = f"{s.name}@{b}" if b else s.name
-        limit = max(1.0, min(400.0, deadline - time.time()))  # the stage's own 400 s, or what the run has left
-        try:
-            proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired as exc:  # the stages timed so far still reach the report
-            times[key] = round(time.perf_counter() - t0, 1)
-            print(f"{key}: stopped after {times[key]} s ({limit:.0f} s limit)", (exc.stderr or b"")[-2000:].decode(errors="replace"), flush=True)
-            ok = False; break
-        times[key] = round(time.perf_counter() - t0, 1)
-        print(f"{key}: {times[key]} s", proc.stderr.strip().splitlines()[-1:] if proc.stderr else "", flush=True)
-        if proc.returncode:
-            print(proc.stderr[-2000:]); ok = False; break
-        ended.append(key)
-        save(final=False)
-    if not ok:
-        break
-save(final=True)
-sys.exit(0 if ok else 1)
-PY
-HCD_WORKERS=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 )) nice -n 10 python3 run_stages.py "$report" only check download  # half the cores
+HCD_WORKERS=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 )) nice -n 10 python3 benchmarks/run_stages.py "$report" only check download  # half the cores
 ) > "$OUT/gpu_check_data.txt" 2>&1 &
 data_pid=$!
 fi
@@ -150,7 +99,7 @@ echo "== 3. gpu-speedrun on generated data"
 wait "$data_pid" || { echo "generating the data failed:"; tail -20 "$OUT/gpu_check_data.txt"; exit 1; }
 cat "$OUT/gpu_check_data.txt"
 cd "$work"
-python3 run_stages.py "$report" except check download || true
+python3 benchmarks/run_stages.py "$report" except check download || true
 cat "$report"
 fi
 echo "gpu_check: $(( $(date +%s) - start )) s"
