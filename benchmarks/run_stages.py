@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hcd.atomic import write_json  # noqa: E402
 from hcd.pipeline.params import load_params  # noqa: E402
 from hcd.pipeline.table import ITEM, STAGES  # noqa: E402
 
@@ -32,7 +33,7 @@ STAGE_LIMIT_S = 400.0
 
 
 def save(report: Path, run: str, times: dict[str, float], state: str, metrics_ran: bool) -> None:
-    """Merge this run's times and state into the report, atomically."""
+    """Merge this run's times and state into the report, atomically; the AUCs once ``metrics`` has just run."""
     out = json.loads(report.read_text()) if report.exists() else {"stage_seconds": {}}
     out["stage_seconds"].update(times)
     out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
@@ -42,9 +43,7 @@ def save(report: Path, run: str, times: dict[str, float], state: str, metrics_ra
     if metrics_ran:  # this run's metrics, not the copied checkout's
         m = json.loads(Path("metrics/metrics.json").read_text())
         out["oof_auc"] = {k: v["auc"] for k, v in m.items() if isinstance(v, dict) and "auc" in v}
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, report)
+    write_json(report, out)
 
 
 def jobs(mode: str, names: set[str]) -> list[tuple[str, list[str]]]:
@@ -92,7 +91,7 @@ def main() -> int:
             save(report, run, times, "failed", False)
             return 1
         save(report, run, times, "running", key == "metrics")
-    save(report, run, times, "ok", "metrics" in times)
+    save(report, run, times, "ok", False)  # the AUCs were saved after metrics
     return 0
 
 
