@@ -39,9 +39,9 @@ def test_hot_loop_and_tta_make_no_host_sync(backbone, mode):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses, seen, bad = run_steps(t, src, 1, max_steps=6, progress=False)
+        r = run_steps(t, src, 1, max_steps=6, progress=False)
         probs = probs_on_device(model, PackedBatches(x, np.arange(64), device=dev, mode=mode), prep, dev, 32, 8)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert seen == 6 * 32 and int(bad) == -1 and np.isfinite(float(losses))
+    assert r.seen == 6 * 32 and int(r.first_bad) == -1 and np.isfinite(float(r.losses)) and len(r.lrs) == 6
     assert probs.shape == (64,) and torch.isfinite(probs).all()

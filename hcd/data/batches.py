@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hcd import env
-from hcd.data.augment import AugmentConfig, augment_batch, crop_batch, to_device
+from hcd.data.augment import AugmentConfig, augment_batch, crop_batch, to_device, to_float
 
 
 @functools.lru_cache(maxsize=16)
@@ -38,13 +38,13 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, batch_u8: torch.Tensor, device: torch.device, augment: AugmentConfig | None = None, gen: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
-        """(B, 96, 96, 3) uint8 -> (B, 3, S, S) float, normalised, on ``device``."""
-        x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        """(B, 96, 96, 3) uint8 -> (B, 3, S, S) float, normalised, on ``device``. Only the crop is made float."""
+        x = batch_u8.to(device, non_blocking=True)
         if augment is not None:
             assert gen is not None
             x = augment_batch(x, augment, self.crop, gen)
         else:
-            x = crop_batch(x, self.crop)
+            x = to_float(crop_batch(x.permute(0, 3, 1, 2), self.crop))
         if self.upscale and self.upscale != self.crop:
             x = F.interpolate(x, size=(self.upscale, self.upscale), mode="bilinear", align_corners=False, antialias=False)
         mean, std = _norm_tensors(self.mean, self.std, str(device))
@@ -70,12 +70,13 @@ class PackedBatches:
                 sel = order[s : s + 4096]
                 self.data[sel] = x[self.rows[sel]]
         elif self.mode == "device":
-            # straight to the GPU in chunks: the host never holds more than one chunk
+            # straight to the GPU in chunks through pinned memory, so the copies run while the next chunk is
+            # gathered and the host never waits for the device (a pageable copy synchronises: tests/test_gpu.py)
             self.gpu = torch.empty((len(self.rows), *x.shape[1:]), dtype=torch.uint8, device=self.device)
             for s in range(0, len(self.rows), 8192):
                 chunk = torch.from_numpy(np.ascontiguousarray(x[self.rows[s : s + 8192]]))
-                self.gpu[s : s + len(chunk)] = chunk.to(self.device)
-            self.gpu_labels = None if self.labels is None else torch.from_numpy(self.labels).to(self.device)
+                self.gpu[s : s + len(chunk)].copy_(chunk.pin_memory() if self.device.type == "cuda" else chunk, non_blocking=True)
+            self.gpu_labels = None if self.labels is None else to_device(torch.from_numpy(self.labels), self.device)
 
     def _choose(self, nbytes: int) -> str:
         if self.device.type == "cuda":
@@ -91,7 +92,7 @@ class PackedBatches:
         """Rows ``idx`` (positions in this selection) as a uint8 (B, 96, 96, 3) tensor, and their labels.
         GPU-resident data takes ``idx`` as a tensor on the GPU (``batches`` copies an epoch's order once)."""
         if self.mode == "device":
-            i = idx if isinstance(idx, torch.Tensor) else torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+            i = idx if isinstance(idx, torch.Tensor) else to_device(torch.from_numpy(np.asarray(idx, dtype=np.int64)), self.device)
             return self.gpu[i], None if self.gpu_labels is None else self.gpu_labels[i]
         if self.mode == "host":
             batch = self.data[idx]
