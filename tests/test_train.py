@@ -260,3 +260,37 @@ def test_predict_out_of_memory_names_the_batch_size(tiny_data, tmp_path, monkeyp
     msg = str(info.value)
     assert "predict cnn: out of GPU memory" in msg and "batch size 512" in msg and "predict.batch_size to 256 or lower" in msg
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("each_step", [True, False], ids=["read-each-step", "read-once-per-epoch"])
+def test_a_non_finite_loss_gives_one_message_whether_read_each_step_or_once_per_epoch(each_step):
+    """The GPU reads the loss back once per epoch (no sync in the loop), the CPU every step: the message names the
+    same value, epoch, step and learning rate either way (the GPU path is forced here on the CPU)."""
+    import numpy as np
+
+    from hcd.data.augment import AugmentConfig
+    from hcd.data.batches import PackedBatches, Preprocess
+    from hcd.model.factory import build_model
+    from hcd.runtime.loop import Trainer, train_steps
+
+    model = build_model("cnn")
+
+    class NanOnThirdCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = model(x)
+            return out * float("nan") if self.calls == 3 else out
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 96, 96, 3), dtype=np.uint8)
+    src = PackedBatches(x, np.arange(64), (np.arange(64) % 2).astype(np.float32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s + 1.0)  # step k (from 0) runs at lr (k + 1) * 1e-3
+    t = Trainer(model, NanOnThirdCall(), opt, sched, Preprocess(48, None, (0.5,) * 3, (0.25,) * 3), AugmentConfig(), torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), 8, torch.device("cpu"), "m")
+    t.check_each_step = each_step
+    with pytest.raises(HcdError) as info:
+        train_steps(t, src, epoch=1, progress=False)
+    assert str(info.value) == "train m: loss is nan at epoch 2, step 3, lr 0.003 — lower lr or check the data; model not written"

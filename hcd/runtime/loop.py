@@ -36,9 +36,11 @@ class Trainer:
     pos_weight: torch.Tensor | None = None
     ranks: distributed.Ranks = field(default_factory=distributed.Ranks)  # data-parallel: this process's rank
     channels_last: bool = field(init=False)
+    check_each_step: bool = field(init=False)  # the loss read back every step (CPU); else once per epoch (GPU)
 
     def __post_init__(self) -> None:
         self.channels_last = self.device.type == "cuda"
+        self.check_each_step = self.device.type == "cpu"
         if self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
@@ -48,13 +50,15 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
 
     Per step: one gather from the packed array (or the GPU-resident copy), batched
     augmentation and normalisation on the device, autocast forward, backward, step.
-    On a GPU nothing in the loop waits for the device: the loss and a non-finite flag
-    are accumulated there and read back once, after the epoch (:func:`run_steps`);
-    on the CPU the loss is checked every step, so a NaN names its step.
+    On a GPU nothing in the loop waits for the device: the loss, the first non-finite
+    step and its loss are kept there and read back once, after the epoch (:func:`run_steps`);
+    on the CPU the loss is checked every step. Either way a non-finite loss stops training
+    with the same message (:func:`non_finite`): its value, epoch, step and learning rate.
     ``on_step(step, lr, loss)`` (the lr finder's hook; it syncs every step) runs before the
     finite-loss check and stops the epoch when it returns False.
     """
-    losses, seen, first_bad = run_steps(t, source, epoch, max_steps, progress, on_step)
+    r = run_steps(t, source, epoch, max_steps, progress, on_step)
+    losses, seen, first_bad = r.losses, r.seen, r.first_bad
     if t.ranks.on:  # every rank's share: the loss of the global batches, and the first bad step on any rank
         losses = distributed.all_sum(losses)
         seen = int(distributed.all_sum(torch.tensor(seen, device=losses.device)))
@@ -62,16 +66,33 @@ def train_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | 
         distributed.sync_buffers(t.model)  # every rank validates and saves the same model
     total = float(losses)  # the epoch's one read-back
     bad = int(first_bad)
-    if bad >= 0 or not math.isfinite(total):
-        at = f", step {bad + 1}" if bad >= 0 else ""
-        raise HcdError(f"train {t.name}: loss became non-finite during epoch {epoch + 1}{at} (lr {t.opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
+    if bad >= 0:
+        loss = float(r.bad_loss) if int(r.first_bad) == bad else math.nan  # another rank's: its value stayed there
+        raise HcdError(non_finite(t.name, loss, epoch, bad, r.lrs[bad]))
+    if not math.isfinite(total):  # a step's loss was finite but the sum overflowed: name the epoch
+        raise HcdError(f"train {t.name}: the summed loss of epoch {epoch + 1} is {total} (lr {t.opt.param_groups[0]['lr']:.3g}) — lower lr or check the data; model not written")
     return total, seen
 
 
-def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True, on_step=None) -> tuple[torch.Tensor, int, torch.Tensor]:
+def non_finite(name: str, loss: float, epoch: int, step: int, lr: float) -> str:
+    """The one message for a non-finite loss, on every device (``epoch`` and ``step`` from 0)."""
+    return f"train {name}: loss is {loss} at epoch {epoch + 1}, step {step + 1}, lr {lr:.3g} — lower lr or check the data; model not written"
+
+
+@dataclass
+class Steps:
+    """What :func:`run_steps` returns; the tensors stay on the device until the caller reads them."""
+
+    losses: torch.Tensor  # summed over the patches seen, float64
+    seen: int
+    first_bad: torch.Tensor  # the first step with a non-finite loss, or -1
+    bad_loss: torch.Tensor  # that step's loss (nan or inf)
+    lrs: list[float]  # the learning rate of each step taken
+
+
+def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | None = None, progress: bool = True, on_step=None) -> Steps:
     """The steps of one epoch without a host-device synchronisation on a GPU (tests/test_gpu.py runs it
-    under ``torch.cuda.set_sync_debug_mode("error")``): (summed loss, patches seen, first non-finite step or -1),
-    the tensors still on the device."""
+    under ``torch.cuda.set_sync_debug_mode("error")``)."""
     from tqdm import tqdm
 
     dtype = autocast_dtype(t.device)
@@ -81,23 +102,29 @@ def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | No
         n_steps = min(n_steps, max_steps)
     losses = torch.zeros((), device=t.device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=t.device, dtype=torch.int64)
+    bad_loss = torch.zeros((), device=t.device)
+    lrs: list[float] = []
     seen = 0
     bar = tqdm(total=n_steps * t.batch_size, unit="patch", unit_scale=True, desc=f"{t.name} epoch {epoch + 1}/{t.epochs}", file=sys.stderr, mininterval=2.0, disable=None if progress and t.ranks.main else True)
     for step, (xb, yb) in enumerate(source.batches(t.batch_size, t.gen_order, drop_last=True, shard=(t.ranks.rank, t.ranks.world))):
         if step >= n_steps:
             break
+        lr = t.opt.param_groups[0]["lr"]
         xin = t.prep(xb, t.device, t.aug, t.gen_aug, t.channels_last)
         y = yb.to(t.device, non_blocking=True).view(-1, 1)
         with torch.autocast(t.device.type, dtype=dtype, enabled=dtype is not None):
             logit = t.fwd(xin).float()
         loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=t.pos_weight)
-        if on_step is not None and not on_step(step, t.opt.param_groups[0]["lr"], float(loss.detach())):
+        if on_step is not None and not on_step(step, lr, float(loss.detach())):
             break
-        if t.device.type == "cpu":
+        lrs.append(lr)
+        if t.check_each_step:
             if not torch.isfinite(loss):
-                raise HcdError(f"train {t.name}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}, lr {t.opt.param_groups[0]['lr']:.3g} — lower lr or check the data; model not written")
+                raise HcdError(non_finite(t.name, loss.item(), epoch, step, lr))
         else:  # recorded on the device, read after the epoch
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+            first_bad = torch.where(new_bad, step, first_bad)
+            bad_loss = torch.where(new_bad, loss.detach(), bad_loss)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.step(t.opt)
@@ -107,4 +134,4 @@ def run_steps(t: Trainer, source: PackedBatches, epoch: int, max_steps: int | No
         seen += len(y)
         bar.update(len(y) * t.ranks.world)
     bar.close()
-    return losses, seen, first_bad
+    return Steps(losses, seen, first_bad, bad_loss, lrs)
