@@ -115,3 +115,27 @@ def test_local_pretrained_weights_load_and_a_code_carrying_pickle_is_refused(tmp
     with pytest.raises(HcdError, match="not a loadable weights file"):
         build_model("cnn", pretrained=str(tmp_path / "evil.pt"))
     assert not marker.exists(), "loading must never run code from the file"
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(), AugmentConfig(dihedral=True, shift_px=3, brightness=0.1, contrast=0.1), AugmentConfig(dihedral=True, rotate_deg=10.0, shift_px=2, hed_jitter=0.05), AugmentConfig(dihedral=False, shift_px=0, brightness=0.0, contrast=0.0)])
+@pytest.mark.parametrize("crop", [32, 64, 96])
+def test_uint8_patches_augment_exactly_as_their_float_copy(cfg, crop):
+    """The training path gathers the crop from the packed uint8 pixels and makes only it float: the same batch, bit
+    for bit, as augmenting the whole float image with the same draws."""
+    x8 = torch.randint(0, 256, (7, 96, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    got = augment_batch(x8, cfg, crop, torch.Generator().manual_seed(9))
+    ref = augment_batch(x8.permute(0, 3, 1, 2).float().div_(255.0), cfg, crop, torch.Generator().manual_seed(9))
+    assert got.shape == (7, 3, crop, crop) and torch.equal(got, ref)
+
+
+def test_the_geometry_gather_is_the_dihedral_of_the_shifted_crop():
+    from hcd.data.augment import take, window_index
+
+    x = torch.rand(8, 3, 96, 96)
+    shift = torch.randint(-5, 6, (8, 2), generator=torch.Generator().manual_seed(4))
+    ks = torch.arange(8)
+    rows, cols = window_index(96, 48, shift, ks, x.device)
+    got = take(x.permute(0, 2, 3, 1), rows, cols)
+    for i in range(8):
+        top, left = 24 + int(shift[i, 0]), 24 + int(shift[i, 1])
+        assert torch.equal(got[i], dihedral(x[i, :, top : top + 48, left : left + 48], i))
