@@ -121,6 +121,7 @@ class TrainParams(_Strict):
     patience: int = Field(5, ge=0, le=1000)  # early stopping on validation AUC (0: off); the best epoch is kept
     pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | Literal["auto"] | None = None  # BCE positive-class weight (> 0); auto = negatives/positives
     compile: bool = False  # torch.compile the model (CUDA)
+    deterministic: bool = True  # CUDA: true = bit-identical reruns; false = cudnn.benchmark, fused AdamW, non-deterministic kernels (faster)
     max_steps: int | None = Field(None, ge=1, le=10**9)  # cap on steps per epoch (smoke runs, benchmarks); recorded in model.json
     processes: int = Field(1, ge=1, le=64)  # data-parallel ranks for one model (torchrun; one GPU each); batch_size stays the global batch
     sync_bn: bool = True  # with processes >= 2 on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)

@@ -16,7 +16,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams, lr: float) -> torch
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+    fused = not cfg.deterministic and all(p.is_cuda for p in model.parameters())  # one kernel for every parameter
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainParams, lr: float, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:

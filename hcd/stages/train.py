@@ -147,7 +147,7 @@ def run_epoch(t: Trainer, inputs: Inputs, epoch: int, max_steps: int | None, ckp
         total, seen = train_steps(t, inputs.train, epoch, max_steps=max_steps)
         if seen == 0:  # never write a model that took no step
             raise HcdError(f"train {t.name}: epoch {epoch + 1} took no training step ({len(inputs.train)} patches, batch size {t.batch_size}); model not written")
-        p_val = predict_probs(t.model if t.ranks.on else t.fwd, inputs.val, inputs.prep, t.device, max(t.batch_size, 256))  # every rank, the whole side
+        p_val = predict_probs(t.model, inputs.val, inputs.prep, t.device, max(t.batch_size, 256))  # every rank, the whole side
     except torch.OutOfMemoryError:
         raise HcdError(oom_message(f"train {t.name}", t.device, t.batch_size, f"models.{t.name}.batch_size (or train.batch_size)")) from None
     except HcdError as err:
@@ -239,7 +239,7 @@ def train(backbone: str, params: Params, packed: Path, index: Path, split: Path,
     lr, cfg = params.for_backbone(backbone)
     seed = params.seed
     max_steps = cfg.max_steps  # smoke runs and benchmarks: a declared param, recorded in model.json
-    seed_everything(seed)
+    seed_everything(seed, cfg.deterministic)
     ranks = distributed.current()
     if ranks.on and cfg.batch_size % ranks.world:
         raise HcdError(f"train {backbone}: batch size {cfg.batch_size} does not split into {ranks.world} equal shares (train.processes); set train.batch_size to a multiple of {ranks.world}")
@@ -282,7 +282,7 @@ def fit_all(backbone: str, cfg: TrainParams, lr: float, seed: int, inputs: list[
     runs: list[tuple[Inputs, Progress]] = []
     for fold, inp in enumerate(inputs):
         if fold:
-            seed_everything(seed)  # each fold starts from the same initial weights and generators
+            seed_everything(seed, cfg.deterministic)  # each fold starts from the same initial weights and generators
         t = build_trainer(backbone, cfg, lr, seed, inp, device, ranks)
         runs.append((inp, fit_fold(t, inp, cfg, fold, folds, key, out_dir, live, log)))
         if ranks.on:
@@ -348,6 +348,8 @@ def _defaults_left_out(cfg: TrainParams) -> set[str]:
         out.add("max_steps")
     if cfg.processes == 1:
         out |= {"processes", "sync_bn"}
+    if cfg.deterministic:
+        out.add("deterministic")
     return out
 
 
