@@ -8,8 +8,9 @@ Each stage runs as the stage table writes it (``hcd.pipeline.table``), per backb
 per-backbone, with no shell. A stage gets 400 s, or what is left before ``HCD_GPU_CHECK_DEADLINE``
 (epoch seconds) if that comes first; the first stage that fails or runs out of time ends the run.
 The report is rewritten after every stage, so a run killed from outside keeps the stages that
-finished: ``stage_seconds``, ``runs`` (each call's state: running, ok or failed), ``completed`` (every
-run ended ok) and, once ``metrics`` has run, the run's out-of-fold AUCs (``oof_auc``).
+finished: ``stage_seconds``, ``import_seconds`` (each stage's Python imports, from ``python -X importtime``:
+what a stage spends before its first line of work), ``runs`` (each call's state: running, ok or failed),
+``completed`` (every run ended ok) and, once ``metrics`` has run, the run's out-of-fold AUCs (``oof_auc``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from hcd.pipeline.table import ITEM, STAGES  # noqa: E402
 STAGE_LIMIT_S = 400.0
 
 
-def save(report: Path, run: str, times: dict[str, float], state: str, metrics_ran: bool) -> None:
+def save(report: Path, run: str, times: dict[str, float], imports: dict[str, float], state: str, metrics_ran: bool) -> None:
     """Merge this run's times and state into the report, atomically; the AUCs once ``metrics`` has just run."""
-    out = json.loads(report.read_text()) if report.exists() else {"stage_seconds": {}}
-    out["stage_seconds"].update(times)
+    out = json.loads(report.read_text()) if report.exists() else {}
+    out.setdefault("stage_seconds", {}).update(times)
+    out.setdefault("import_seconds", {}).update(imports)
     out["total_seconds"] = round(sum(out["stage_seconds"].values()), 1)
     runs = out.setdefault("runs", {})
     runs[run] = state  # a run killed from outside stays "running"
@@ -55,26 +57,40 @@ def jobs(mode: str, names: set[str]) -> list[tuple[str, list[str]]]:
             continue
         for b in backbones if s.per_backbone else [None]:
             argv = shlex.split(s.cmd.replace(ITEM, b) if b else s.cmd)
-            out.append((f"{s.name}@{b}" if b else s.name, [sys.executable, *argv[1:]]))  # argv[0] is "python"
+            out.append((f"{s.name}@{b}" if b else s.name, [sys.executable, "-X", "importtime", *argv[1:]]))  # argv[0] is "python"
     return out
 
 
-def run_one(key: str, argv: list[str], deadline: float) -> tuple[float, bool]:
-    """Run one stage; (seconds, ended ok). Prints one line, and the stage's error output when it fails."""
+def import_seconds(stderr: str) -> tuple[float, str]:
+    """The seconds ``-X importtime`` counted for the top-level imports, and stderr without its lines."""
+    total, rest = 0.0, []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:"):
+            rest.append(line)
+            continue
+        _, cumulative, name = line.split("|", 2)
+        if cumulative.strip().isdigit() and not name[1:].startswith(" "):  # a top-level import (nested ones are indented)
+            total += int(cumulative) / 1e6
+    return round(total, 2), "\n".join(rest)
+
+
+def run_one(key: str, argv: list[str], deadline: float) -> tuple[float, float, bool]:
+    """Run one stage; (seconds, import seconds, ended ok). Prints one line, and the stage's error output when it fails."""
     limit = max(1.0, min(STAGE_LIMIT_S, deadline - time.time()))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as exc:
         seconds = round(time.perf_counter() - t0, 1)
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        imports, err = import_seconds(exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
         print(f"{key}: stopped after {seconds} s ({limit:.0f} s limit)", err[-2000:], flush=True)
-        return seconds, False
+        return seconds, imports, False
     seconds = round(time.perf_counter() - t0, 1)
-    print(f"{key}: {seconds} s", proc.stderr.strip().splitlines()[-1:], flush=True)
+    imports, err = import_seconds(proc.stderr)
+    print(f"{key}: {seconds} s ({imports} s of imports)", err.strip().splitlines()[-1:], flush=True)
     if proc.returncode:
-        print(proc.stderr[-2000:], flush=True)
-    return seconds, proc.returncode == 0
+        print(err[-2000:], flush=True)
+    return seconds, imports, proc.returncode == 0
 
 
 def main() -> int:
@@ -84,14 +100,15 @@ def main() -> int:
     run = f"{mode} {' '.join(sorted(names))}"
     deadline = float(os.environ.get("HCD_GPU_CHECK_DEADLINE", time.time() + 1e9))
     times: dict[str, float] = {}
-    save(report, run, times, "running", False)
+    imports: dict[str, float] = {}
+    save(report, run, times, imports, "running", False)
     for key, argv in jobs(mode, names):
-        times[key], ok = run_one(key, argv, deadline)
+        times[key], imports[key], ok = run_one(key, argv, deadline)
         if not ok:
-            save(report, run, times, "failed", False)
+            save(report, run, times, imports, "failed", False)
             return 1
-        save(report, run, times, "running", key == "metrics")
-    save(report, run, times, "ok", False)  # the AUCs were saved after metrics
+        save(report, run, times, imports, "running", key == "metrics")
+    save(report, run, times, imports, "ok", False)  # the AUCs were saved after metrics
     return 0
 
 
