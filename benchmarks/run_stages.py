@@ -61,17 +61,22 @@ def jobs(mode: str, names: set[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def import_seconds(stderr: str) -> tuple[float, str]:
-    """The seconds ``-X importtime`` counted for the top-level imports, and stderr without its lines."""
-    total, rest = 0.0, []
+def import_seconds(stderr: str) -> tuple[float, dict[str, float], str]:
+    """From ``-X importtime``'s lines: the seconds of the top-level imports, the three modules that took longest
+    by themselves (where a slow start comes from), and stderr without those lines."""
+    total, own, rest = 0.0, {}, []
     for line in stderr.splitlines():
         if not line.startswith("import time:"):
             rest.append(line)
             continue
-        _, cumulative, name = line.split("|", 2)
-        if cumulative.strip().isdigit() and not name[1:].startswith(" "):  # a top-level import (nested ones are indented)
+        head, cumulative, name = line.split("|", 2)
+        if not cumulative.strip().isdigit():  # the header
+            continue
+        own[name.strip()] = int(head.rsplit(":", 1)[1]) / 1e6
+        if not name[1:].startswith(" "):  # a top-level import (nested ones are indented)
             total += int(cumulative) / 1e6
-    return round(total, 2), "\n".join(rest)
+    slowest = {k: round(v, 2) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:3]}
+    return round(total, 2), slowest, "\n".join(rest)
 
 
 def run_one(key: str, argv: list[str], deadline: float) -> tuple[float, float, bool]:
@@ -82,12 +87,12 @@ def run_one(key: str, argv: list[str], deadline: float) -> tuple[float, float, b
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as exc:
         seconds = round(time.perf_counter() - t0, 1)
-        imports, err = import_seconds(exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
+        imports, _, err = import_seconds(exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or "")
         print(f"{key}: stopped after {seconds} s ({limit:.0f} s limit)", err[-2000:], flush=True)
         return seconds, imports, False
     seconds = round(time.perf_counter() - t0, 1)
-    imports, err = import_seconds(proc.stderr)
-    print(f"{key}: {seconds} s ({imports} s of imports)", err.strip().splitlines()[-1:], flush=True)
+    imports, slowest, err = import_seconds(proc.stderr)
+    print(f"{key}: {seconds} s ({imports} s of imports; slowest by themselves: {slowest})", err.strip().splitlines()[-1:], flush=True)
     if proc.returncode:
         print(err[-2000:], flush=True)
     return seconds, imports, proc.returncode == 0

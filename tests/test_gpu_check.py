@@ -55,6 +55,7 @@ def test_a_stage_still_running_at_the_deadline_is_stopped_and_reported(capsys):
 
 
 def test_import_seconds_sum_the_top_level_imports_and_leave_the_stage_output():
-    err = "import time: self [us] | cumulative | imported package\nimport time:       120 |        120 |   _io\nimport time:      3000 |    1500000 | torch\nimport time:        10 |     250000 | pandas\ntrain cnn: epoch 1\n"
-    seconds, rest = run_stages.import_seconds(err)
+    err = "import time: self [us] | cumulative | imported package\nimport time:       120 |        120 |   _io\nimport time:    300000 |    1500000 | torch\nimport time:        10 |     250000 | pandas\ntrain cnn: epoch 1\n"
+    seconds, slowest, rest = run_stages.import_seconds(err)
     assert seconds == 1.75 and rest == "train cnn: epoch 1"
+    assert list(slowest) == ["torch", "_io", "pandas"] and slowest["torch"] == 0.3
