@@ -19,7 +19,7 @@ from hcd.data.augment import tta_views
 from hcd.data.batches import PackedBatches, Preprocess
 from hcd.data.tiff import encode_patch
 from hcd.errors import HcdError
-from hcd.model.bundle import read_bundle
+from hcd.model.bundle import load_bundle
 from hcd.model.inference import predict_probs
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params
@@ -50,7 +50,7 @@ def pipeline_probs(root, rows: np.ndarray) -> np.ndarray:
 
 
 def test_manifest_records_preprocessing_ensemble_params_and_digests(bundle):
-    manifest = read_bundle(bundle / "export")
+    manifest = load_bundle(bundle / "export").raw
     (b,) = manifest["backbones"]
     assert b["name"] == "cnn" and b["crop"] == 48 and b["models"][0]["file"] == "cnn/model.onnx"
     assert manifest["tta"]["views"] == 2 and manifest["ensemble"] == FIT

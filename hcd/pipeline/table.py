@@ -119,7 +119,7 @@ class Stage:
 # The modules whose code decides a model's weights: the train stage depends on them, and a
 # training checkpoint's run key (hcd.checkpoint) hashes them.
 # Inference code (model loading, preprocessing, TTA) is shared by predict and train's validation pass.
-INFER_CODE = ("model/factory", "model/weights", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
+INFER_CODE = ("model/factory", "model/weights", "model/meta", "model/inference", "data/augment", "data/batches", "data/packed", "runtime/device", "runtime/seeding", "env")
 TRAIN_CODE = ("stages/train", "model/checkpoint", "runtime/loop", "runtime/optim", "runtime/distributed", "digests", *INFER_CODE)
 # Everything that decides an export bundle's numbers: the export stage depends on it and its
 # manifest records each file's git blob id (hcd.digests), so the record is itself reproducible.
@@ -264,7 +264,7 @@ STAGES: tuple[Stage, ...] = _gated((
         name="report",
         script="workflow/scripts/report.py",
         args=("--scan", f"{METRICS}/scan.json", "--scan-report", f"{SCAN}/report.csv", "--raw", RAW, "--split", f"{METRICS}/split.json", "--model-json", f"models/{ITEM}/model.json", "--metrics", f"{METRICS}/metrics.json", "--roc", ROC, "--prc", PRC, "--ensemble", ENSEMBLE_VAL, "--figures", *(f"{REPORT}/{f}.png" for f in REPORT_FIGURES)),
-        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", ROC, PRC, ENSEMBLE_VAL, *code_files("stages/report", "data/source", "data/tiff")),
+        deps=(f"{METRICS}/scan.json", f"{SCAN}/report.csv", RAW, f"{METRICS}/split.json", f"{METRICS}/metrics.json", ROC, PRC, ENSEMBLE_VAL, *code_files("stages/report", "model/meta", "data/source", "data/tiff")),
         gather=(f"models/{ITEM}/model.json",),
         plots=tuple((f"{REPORT}/{f}.png", {"cache": True}) for f in REPORT_FIGURES),  # images: `dvc plots show` puts them on its page
         params=("backbones",),

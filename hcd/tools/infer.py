@@ -19,6 +19,8 @@ ranks within its test set. Runtime: onnxruntime (default) or torch
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import time
 import zipfile
@@ -32,10 +34,10 @@ import torch
 from hcd.atomic import atomic_path
 from hcd.data.augment import tta_views
 from hcd.data.batches import Preprocess
-from hcd.data.source import MAX_MEMBER_BYTES
+from hcd.data.source import MAX_MEMBER_BYTES, ZIP_ERRORS
 from hcd.data.tiff import PatchError, decode_patch
-from hcd.errors import HcdError
-from hcd.model.bundle import read_bundle
+from hcd.errors import HcdError, excerpt
+from hcd.model.bundle import Bundle, load_bundle
 from hcd.model.combine import apply_ensemble, average_folds
 
 TIF = (".tif", ".tiff")
@@ -43,11 +45,18 @@ TIF = (".tif", ".tiff")
 
 def _read_file(path: Path) -> Callable[[], bytes]:
     def read() -> bytes:
-        if path.is_symlink():
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
             raise PatchError("undecodable", "a symbolic link; refused")
-        if path.stat().st_size > MAX_MEMBER_BYTES:
-            raise PatchError("undecodable", f"{path.stat().st_size:,} bytes, too large for a patch")
-        return path.read_bytes()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+            raise PatchError("undecodable", "not a regular file (a FIFO, socket or device); refused unread")
+        if st.st_size > MAX_MEMBER_BYTES:
+            raise PatchError("undecodable", f"{st.st_size:,} bytes, too large for a patch")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # swapped since lstat: no wait
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise PatchError("undecodable", "not a regular file (a FIFO, socket or device); refused unread")
+            return fh.read(MAX_MEMBER_BYTES + 1)
 
     return read
 
@@ -75,8 +84,8 @@ def iter_inputs(inputs: list[str]) -> Iterator[tuple[str, Callable[[], bytes]]]:
 def _iter_zip(path: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise HcdError(f"{path}: not a readable zip archive ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise HcdError(f"{path}: not a readable zip archive ({excerpt(str(exc), 60)})") from None
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir() and i.filename.lower().endswith(TIF)]
         test = [i for i in infos if PurePosixPath(i.filename).parts[-2:-1] == ("test",)]
@@ -85,43 +94,51 @@ def _iter_zip(path: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
             def read(info: zipfile.ZipInfo = info) -> bytes:
                 if info.file_size > MAX_MEMBER_BYTES:
                     raise PatchError("undecodable", f"declares {info.file_size:,} bytes, too large for a patch")
-                with zf.open(info) as fh:
-                    return fh.read(MAX_MEMBER_BYTES + 1)
+                try:
+                    with zf.open(info) as fh:
+                        return fh.read(MAX_MEMBER_BYTES + 1)
+                except ZIP_ERRORS as exc:  # bad CRC, encrypted, an unknown compression method...
+                    raise PatchError("undecodable", f"zip member cannot be read ({type(exc).__name__}: {excerpt(str(exc), 60)})") from None
 
             yield PurePosixPath(info.filename).stem, read
 
 
 class Models:
-    """Every model of the bundle, each with its preprocessing; ``probs(batch)`` -> (B, n_models)."""
+    """Every model of a checked bundle (:func:`hcd.model.bundle.load_bundle`), each with its preprocessing;
+    ``probs(batch)`` -> (B, n_models). Both runtimes load from the bytes the check hashed."""
 
-    def __init__(self, bundle: Path, manifest: dict, runtime: str, tta: int) -> None:
-        self.tta = tta
+    def __init__(self, bundle: Bundle, runtime: str) -> None:
+        self.tta = bundle.manifest.tta.views
         self.runs: list[tuple[Callable[[torch.Tensor], torch.Tensor], Preprocess]] = []
         self.owner: list[str] = []  # the backbone of each model
-        for b in manifest["backbones"]:
-            torch_models = self._torch_models(bundle, b) if runtime == "torch" else None  # every fold's, loaded once
-            for m in b["models"]:
-                prep = Preprocess(b["crop"], b["upscale"], tuple(m["mean"]), tuple(m["std"]))
-                self.runs.append((self._runner(bundle, m, torch_models), prep))
-                self.owner.append(b["name"])
+        for b in bundle.manifest.backbones:
+            torch_models = self._torch_models(bundle, b.name) if runtime == "torch" else None  # every fold's, loaded once
+            for k, m in enumerate(b.models):
+                prep = Preprocess(b.crop, b.upscale, tuple(m.mean), tuple(m.std))
+                self.runs.append((self._onnx(bundle.data[m.file]) if torch_models is None else torch_models[k], prep))
+                self.owner.append(b.name)
 
     @staticmethod
-    def _torch_models(bundle: Path, b: dict) -> list[torch.nn.Module]:
-        from hcd.model.weights import load_models
+    def _torch_models(bundle: Bundle, name: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        from safetensors.torch import load as load_safetensors
 
-        return [model for model, _ in load_models(bundle / b["name"], torch.device("cpu"))[0]]
+        from hcd.model.weights import models_from
+
+        weights = bundle.folder / name / "model.safetensors"
+        try:
+            state = load_safetensors(bundle.data[f"{name}/model.safetensors"])
+        except Exception as exc:  # the safetensors parser raises its own kinds
+            raise HcdError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
+        return [model for model, _ in models_from(bundle.model_meta(name), state, weights, torch.device("cpu"))]
 
     @staticmethod
-    def _runner(bundle: Path, m: dict, torch_models: list[torch.nn.Module] | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        if torch_models is None:
-            import onnxruntime as ort
+    def _onnx(blob: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+        import onnxruntime as ort
 
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = torch.get_num_threads()
-            sess = ort.InferenceSession(str(bundle / m["file"]), opts, providers=["CPUExecutionProvider"])
-            return lambda x: torch.from_numpy(sess.run(None, {"patches": x.numpy()})[0])
-        model = torch_models[m["fold"] or 0]
-        return lambda x: model(x)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])  # from the checked bytes, not the path
+        return lambda x: torch.from_numpy(sess.run(None, {"patches": x.numpy()})[0])
 
     @torch.no_grad()
     def probs(self, batch: np.ndarray) -> np.ndarray:
@@ -139,16 +156,21 @@ class Models:
 def infer(bundle: Path, inputs: list[str], out: Path, runtime: str = "onnx", batch_size: int = 256, progress: bool = True, log=print) -> pd.DataFrame:
     from tqdm import tqdm
 
-    manifest = read_bundle(bundle)
-    models = Models(bundle, manifest, runtime, int(manifest["tta"]["views"]))
+    checked = load_bundle(bundle)
+    manifest = checked.raw
+    models = Models(checked, runtime)
     ids: list[str] = []
     errors: list[str] = []
     probs: list[np.ndarray] = []
     batch: list[np.ndarray] = []
     t0 = time.perf_counter()
     bar = tqdm(unit="patch", desc="hcd infer", file=sys.stderr, mininterval=1.0, disable=None if progress else True)
+    seen: set[str] = set()
     for pid, read in iter_inputs(inputs):
         try:
+            if pid in seen:  # a patch given twice (a folder and a file in it): one row with its label, then this
+                raise PatchError("duplicate", "this id was given earlier in the inputs; predicted once")
+            seen.add(pid)
             arr = decode_patch(read())
             errors.append("")
             batch.append(arr)
