@@ -19,9 +19,10 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from hcd.errors import HcdError
 
@@ -133,6 +134,7 @@ def _alive(pid: int) -> bool:
 
 
 JOURNAL_DIR = ".hcd/journal"  # pending renames of a Commit, replayed by the next stage start
+JOURNAL_VERSION = 2  # 2: paths relative to the checkout, and its identity
 
 
 class Commit:
@@ -153,11 +155,21 @@ class Commit:
     take the mix as finished meanwhile: DVC records a stage in ``dvc.lock`` only
     after its command exits 0, and Snakemake keeps a killed job's outputs marked
     incomplete and reruns it.
+
+    A journal names its renames relative to the checkout it belongs to, and that
+    checkout by identity (device and inode of its folder), so a replay can only ever
+    rename a commit's own temporary (``.<name>.tmp-<pid>-<hex>``) onto ``<name>`` in
+    the same folder, inside the same checkout: a stale or planted journal cannot
+    touch a file outside it, and a checkout copied with ``cp -a`` while a journal
+    was pending does not rewrite the original's outputs (the copy drops the journal).
+    Outputs outside the checkout (a library call writing to a temporary folder)
+    are renamed without a journal.
     """
 
     def __init__(self, journal_dir: str | os.PathLike[str] = JOURNAL_DIR) -> None:
         self._items: list[tuple[Path, Path, bool]] = []  # (temporary, destination, is a folder)
         self._journal_dir = Path(journal_dir)
+        self._root = _checkout_of(self._journal_dir)
 
     def __enter__(self) -> Commit:
         return self
@@ -226,12 +238,18 @@ class Commit:
             journal.unlink(missing_ok=True)
         return None
 
-    def _write_journal(self) -> Path:
-        entries = [{"tmp": str(t.resolve()), "dest": str(d.resolve()), "dir": is_dir} for t, d, is_dir in self._items]
+    def _write_journal(self) -> Path | None:
+        root = self._root.resolve()
+        entries = []
+        for t, d, is_dir in self._items:
+            dest = d.parent.resolve() / d.name
+            if not dest.is_relative_to(root):
+                return None  # outputs outside the checkout: renamed without a journal (see the class doc)
+            entries.append({"tmp": str((dest.parent / t.name).relative_to(root)), "dest": str(dest.relative_to(root)), "dir": is_dir})
         self._journal_dir.mkdir(parents=True, exist_ok=True)
         path = self._journal_dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         with atomic_path(path) as tmp:
-            _write_json(tmp, {"pid": os.getpid(), "renames": entries})
+            _write_json(tmp, {"version": JOURNAL_VERSION, "pid": os.getpid(), "checkout": _identity(root), "renames": entries})
         return path
 
 
@@ -252,21 +270,58 @@ def _apply(items: list[tuple[Path, Path, bool]]) -> None:
         _fsync_dir(parent)
 
 
+def _checkout_of(journal_dir: Path) -> Path:
+    """The checkout a journal folder belongs to: ``<checkout>/.hcd/journal``."""
+    return journal_dir.parent.parent if journal_dir.name == "journal" and journal_dir.parent.name == ".hcd" else journal_dir.parent
+
+
+def _identity(root: Path) -> dict[str, int]:
+    st = os.stat(root)
+    return {"dev": st.st_dev, "ino": st.st_ino}
+
+
+def _entry(root: Path, e: Any) -> tuple[Path, Path, bool]:
+    """One journalled rename, checked: both paths inside ``root``, the temporary one of the destination's, in
+    its folder, which no link leads out of. ValueError otherwise."""
+    if not isinstance(e, dict) or not isinstance(e.get("tmp"), str) or not isinstance(e.get("dest"), str) or not isinstance(e.get("dir"), bool):
+        raise ValueError("malformed entry")
+    tmp, dest = Path(e["tmp"]), Path(e["dest"])
+    for rel in (tmp, dest):
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError("a path outside the checkout")
+    m = _TMP_RE.match(tmp.name)
+    if tmp.parent != dest.parent or not m or m.group("name") != dest.name:
+        raise ValueError("not a temporary of its destination")
+    folder = (root / dest.parent).resolve()
+    if not folder.is_relative_to(root.resolve()):
+        raise ValueError("a folder that leads out of the checkout")
+    return root / tmp, root / dest, e["dir"]
+
+
 def replay_journals(journal_dir: str | os.PathLike[str] = JOURNAL_DIR) -> list[Path]:
-    """Finish the renames of commits whose process died among them (see :class:`Commit`)."""
-    done = []
+    """Finish the renames of commits whose process died among them (see :class:`Commit`). A journal of
+    another checkout (this one is a copy) is dropped; one whose entries fail the checks is dropped unreplayed."""
+    done: list[Path] = []
     base = Path(journal_dir)
     if not base.is_dir():
         return done
+    root = _checkout_of(base)
+    here = _identity(root)
     for journal in sorted(base.glob("*.json")):
         try:
             data = json.loads(journal.read_text())
             pid = int(data["pid"])
-            items = [(Path(e["tmp"]), Path(e["dest"]), bool(e["dir"])) for e in data["renames"]]
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # being written right now (atomically) or not ours: leave it
+            continue  # being written right now (atomically): leave it
         if _alive(pid):
             continue  # that commit is still renaming
+        try:
+            if data.get("version") != JOURNAL_VERSION or data.get("checkout") != here:
+                raise ValueError("another checkout's, or an older format")
+            items = [_entry(root, e) for e in data["renames"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            journal.unlink(missing_ok=True)  # never replayed: its temporaries are swept as a dead process's
+            continue
         _apply(items)
         journal.unlink(missing_ok=True)
         done.append(journal)
