@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
-from hcd.data.tables import read_csv_bytes
+from hcd.data.tables import read_csv_file
 from hcd.errors import HcdError, excerpt
 
 
@@ -74,25 +74,12 @@ def score(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0) -> di
     }
 
 
-MAX_TABLE_BYTES = 256 * 2**20  # Kaggle's test set is 57,458 rows (~3 MB); far larger is not a submission
+MAX_BOOTSTRAP = 1_000_000  # 1,000 give the interval to two decimals
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A CSV of strings, or one line naming the file and what is wrong with it."""
-    try:
-        if path.stat().st_size > MAX_TABLE_BYTES:
-            raise HcdError(f"{path}: {path.stat().st_size:,} bytes, larger than a submission or labels file can be; refused")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise HcdError(f"{path}: not found") from None
-    except IsADirectoryError:
-        raise HcdError(f"{path}: a folder, not a CSV file") from None
-    if data.startswith(b"PK\x03\x04"):
-        raise HcdError(f"{path}: a zip archive, not a CSV (extract the CSV from it first)")
-    frame = read_csv_bytes(data, str(path))
-    if "id" not in frame.columns:
-        raise HcdError(f"{path}: no 'id' column (found {excerpt(','.join(frame.columns))})")
-    frame["id"] = frame["id"].str.strip()
+    """A CSV of strings with an ``id`` column, each id once; or one line naming the file and what is wrong."""
+    frame = read_csv_file(path)
     dup = frame["id"].duplicated()
     if dup.any():
         raise HcdError(f"{path}: id {excerpt(frame.loc[dup, 'id'].iloc[0])} appears {int((frame['id'] == frame.loc[dup, 'id'].iloc[0]).sum())} times; each id once")
@@ -133,5 +120,7 @@ def score_main(argv: list[str] | None = None) -> None:
     ap.add_argument("labels", help="a CSV id,label with labels 0 or 1")
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95 %% interval (default 1000; 0: none)")
     args = ap.parse_args(argv)
+    if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
+        raise HcdError(f"--bootstrap: the number of resamples must be 0 to {MAX_BOOTSTRAP:,}, got {args.bootstrap}")
     m = score_submission(Path(args.submission), Path(args.labels), args.bootstrap)
     print(f"AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f}), log loss {m['log_loss']:.4f}, accuracy@0.5 {m['at_0.5']['accuracy']:.4f}, n={m['n']}")

@@ -102,7 +102,7 @@ def test_an_overlay_through_params_flags_is_validated_before_dvc_sees_it(world):
     overlay = base / "colleague.yaml"
     overlay.write_text(f'backbones: [cnn, "x;{{touch,{marker}}};#"]\n')
     # exactly as the README shows it, in a real shell: the flags are refused, so DVC never runs
-    proc = subprocess.run(["bash", "-c", f"flags=$(hcd params flags {overlay}) && dvc exp run $flags"], cwd=root, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", f"flags=$(hcd params flags {overlay}) && eval \"dvc exp run $flags\""], cwd=root, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 2 and not marker.exists(), proc.stderr[-2000:]
     assert "hcd params: error:" in proc.stderr and "backbones" in proc.stderr and "Running stage" not in proc.stdout + proc.stderr
     assert (root / "params.yaml").read_text() == sh(root, "git", "show", "HEAD:params.yaml")

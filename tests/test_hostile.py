@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -130,7 +131,7 @@ def test_params_flags_validates_exactly_as_apply(tmp_path):
 
 def test_an_overlay_that_changes_the_backbones_changes_the_models_entries_alike_through_apply_and_dvc(tmp_path):
     """A params file holds one models entry per backbone. `hcd params apply` adds the new backbones' entries and
-    drops the old ones; `dvc exp run $(hcd params flags …)` (real DVC, on a one-stage pipeline tracking
+    drops the old ones; `eval "dvc exp run $(hcd params flags …)"` (real DVC, on a one-stage pipeline tracking
     models.<name> per backbone as train does) ends on the same params."""
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("backbones: [resnet10t, resnet18]\nmodels: {resnet18: {lr: 0.001}}\n")
@@ -140,7 +141,7 @@ def test_an_overlay_that_changes_the_backbones_changes_the_models_entries_alike_
     assert hcd("params", "apply", str(overlay), cwd=applied).returncode == 0
     want = yaml.safe_load((applied / "params.yaml").read_text())
     assert want["backbones"] == ["resnet10t", "resnet18"] and want["models"] == {"resnet10t": {}, "resnet18": {"lr": 0.001}}
-    flags = hcd("params", "flags", str(overlay), cwd=REPO).stdout.split()
+    flags = shlex.split(hcd("params", "flags", str(overlay), cwd=REPO).stdout)  # shell words, quoted by shlex.join
     assert flags[:4] == ["-S", "~models.cnn", "-S", "++backbones=[\"resnet10t\",\"resnet18\"]"], flags
     ws = tmp_path / "ws"
     ws.mkdir()

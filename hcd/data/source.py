@@ -41,7 +41,7 @@ MAX_MEMBER_BYTES = 8 * 1024 * 1024  # a 96x96 patch is ~28 KB; larger is refused
 MAX_META_BYTES = 64 * 1024 * 1024  # Kaggle's train_labels.csv is 9.5 MB; a larger table is refused (memory bomb)
 _LOCAL = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
 # what zipfile raises on a damaged member: bad headers, names that are not UTF-8, unsupported or encrypted entries
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
 
 # A member reference travels to worker processes: plain tuples, no ZipInfo.
 # zip:  (name, header_offset, compress_size, file_size, compress_type, crc, flag_bits, extra_len_guess)
@@ -116,7 +116,7 @@ class ZipSource:
             self._infos = self._zf.infolist()
         except FileNotFoundError:
             raise HcdError(f"{self.label}: archive not found") from None
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise HcdError(f"{self.label}: not a readable zip archive ({exc})") from None
         names = [i.filename for i in self._infos]
         links = frozenset(i.filename for i in self._infos if i.create_system == 3 and (i.external_attr >> 16) & 0o170000 == 0o120000)
@@ -148,7 +148,7 @@ class ZipSource:
             if len(data) > MAX_META_BYTES:
                 raise HcdError(f"{self.label}: {name} inflates past {MAX_META_BYTES // 2**20} MiB; refused")
             return data
-        except _ZIP_ERRORS as exc:
+        except ZIP_ERRORS as exc:
             raise HcdError(f"{self.label}: {name} cannot be read ({type(exc).__name__}: {str(exc)[:100]})") from None
 
     def _handle(self) -> int:
@@ -189,7 +189,7 @@ class ZipSource:
             try:
                 with zipfile.ZipFile(self.path) as zf, zf.open(name) as fh:
                     data = fh.read(MAX_MEMBER_BYTES + 1)
-            except _ZIP_ERRORS as exc:
+            except ZIP_ERRORS as exc:
                 raise PatchError("undecodable", f"zip member cannot be read ({exc})") from None
             return data
         if len(data) != size or _z.crc32(data) != crc:

@@ -91,6 +91,8 @@ def load_weights(model: nn.Module, path: Path, name: str) -> None:
         raise HcdError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc)[:80]})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise HcdError(f"{path}: holds {type(state).__name__ if not isinstance(state, dict) else 'a mapping with other values'}, not weights (a mapping of parameter names to tensors)")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < len(own) // 2:

@@ -12,9 +12,11 @@ shell syntax, say) never reaches ``params.yaml`` or DVC.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,7 @@ def _merge_checked(overlay: Path, params: Path) -> tuple[str, dict[str, Any], li
     except FileNotFoundError:
         raise HcdError(f"{params}: file not found (run from the repository root)") from None
     over = read_overlay(overlay)
+    _check_types(overlay, params, over)
     added, dropped = _entries_changed(doc, over)
     _merge(doc, over)
     if added or dropped:
@@ -111,14 +114,28 @@ def _merge_checked(overlay: Path, params: Path) -> tuple[str, dict[str, Any], li
     return buf.getvalue(), over, added, dropped
 
 
+def _check_types(overlay: Path, params: Path, over: dict[str, Any]) -> None:
+    """The overlay merged into the plain params, validated before the comment-keeping merge writes any text: a
+    nested list where a name should be is one line, not a YAML error from re-reading that text."""
+    from pydantic import ValidationError
+
+    plain = yaml.safe_load(params.read_text()) or {}
+    _merge(plain, copy.deepcopy(over))
+    try:
+        Params.model_validate(plain)
+    except ValidationError as err:
+        problem = _format_error(overlay, err)
+        if "models" not in problem.split(": ")[1]:  # entries added or dropped with backbones: checked after the merge
+            raise HcdError(problem) from None
+
+
 def apply(overlay: Path, params: Path) -> None:
     text = merged(overlay, params)
     with atomic_path(params) as tmp:
         tmp.write_text(text)
 
 
-# What the shell does to an unquoted $(...) result: it splits words at white space and
-# expands glob patterns. A value holding either would not reach DVC as written.
+# White space and glob characters: DVC's -S override grammar (Hydra's) would not take such a value as written.
 _UNSAFE_WORD = re.compile(r"[\s*?]")
 
 
@@ -132,9 +149,9 @@ def flags(overlay: Path, params: Path) -> str:
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         word = f"++{key}={text}"
         if _UNSAFE_WORD.search(word):
-            raise HcdError(f"{overlay}: {key}: {excerpt(text)} holds white space or a glob character, which `dvc exp run $(hcd params flags …)` would split or expand; use `hcd params apply {overlay}` instead")
+            raise HcdError(f"{overlay}: {key}: {excerpt(text)} holds white space or a glob character, which DVC's -S overrides do not take as written; use `hcd params apply {overlay}` instead")
         out += ["-S", word]
-    return " ".join(out)
+    return shlex.join(out)  # quoted by the standard library: safe to paste, and to `eval "dvc exp run $(…)"`
 
 
 def main(argv: list[str] | None = None) -> None:

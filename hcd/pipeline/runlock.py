@@ -27,7 +27,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from hcd.errors import HcdError
+from hcd.errors import HcdError, excerpt
 
 LOCK_DIR = Path(".hcd")
 ENGINES = ("dvc", "snakemake")
@@ -77,6 +77,18 @@ def _alive(claim: dict) -> bool:
         return False
 
 
+def _read_claim(path: Path) -> dict | None:
+    """The claim in ``runner.json``, or None when there is none or the file is not one (damaged, hand-edited,
+    half-written by a full disk): such a file is taken over like a dead runner's claim, never a traceback."""
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(held, dict) and isinstance(held.get("pid"), int) and not isinstance(held.get("pid"), bool) and isinstance(held.get("started"), (int, float))
+    ok = ok and isinstance(held.get("host"), str) and isinstance(held.get("kind"), str) and isinstance(held.get("cmd", ""), str)
+    return held if ok else None
+
+
 def claim(stage: str, root: Path = Path(".")) -> None:
     """Claim the checkout for this stage's runner, or raise :class:`HcdError` naming the live one."""
     me = current_runner()
@@ -89,17 +101,14 @@ def claim(stage: str, root: Path = Path(".")) -> None:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for the few milliseconds of the read-modify-write
         path = folder / "runner.json"
-        try:
-            held = json.loads(path.read_text())
-        except (OSError, ValueError):
-            held = None
+        held = _read_claim(path)
         same = held is not None and all(held.get(k) == me[k] for k in ("pid", "started", "host"))
         # stages run by hand may run side by side, and so may the jobs of a cluster workflow (SLURM): each job
         # has a Snakemake of its own, started by the executor on the node, and the workflow's runs on the login node
         side_by_side = held is not None and held.get("kind") == me["kind"] and me["kind"] in SHARED_KINDS
         if held is not None and not same and not side_by_side and _alive(held):
             since = time.strftime("%H:%M:%S", time.localtime(held["started"]))
-            raise HcdError(f"{stage}: another run holds this checkout: {held.get('kind')} (pid {held['pid']}, since {since}: {held.get('cmd', '')[:80]}); let it finish or stop it, then rerun — two engines in one checkout would overwrite each other's outputs")
+            raise HcdError(f"{stage}: another run holds this checkout: {held.get('kind')} (pid {held['pid']}, since {since}: {excerpt(held.get('cmd', ''), 80)}); let it finish or stop it, then rerun — two engines in one checkout would overwrite each other's outputs")
         if not same and not (side_by_side and _alive(held)):  # a live claim of the same kind stays: it outlives this stage
             tmp = path.with_name(f".runner.json.tmp-{os.getpid()}")
             try:

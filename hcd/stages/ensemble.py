@@ -59,15 +59,15 @@ def validate_submission(sub: pd.DataFrame, expected_ids: list[str], where: str) 
         missing = set(expected_ids) - set(ids)
         extra = set(ids) - set(expected_ids)
         if missing:
-            raise HcdError(f"{where}: {len(missing)} sample_submission ids missing (first: {sorted(missing)[0]})")
+            raise HcdError(f"{where}: {len(missing)} sample_submission ids missing (first: {excerpt(sorted(missing)[0])})")
         if extra:
-            raise HcdError(f"{where}: {len(extra)} ids not in sample_submission (first: {sorted(extra)[0]})")
+            raise HcdError(f"{where}: {len(extra)} ids not in sample_submission (first: {excerpt(sorted(extra)[0])})")
         if len(ids) != len(set(ids)):
             raise HcdError(f"{where}: duplicate ids")
         raise HcdError(f"{where}: ids are not in sample_submission order")
     p = pd.to_numeric(sub["label"], errors="coerce").to_numpy(dtype=float)
     if np.isnan(p).any():
-        raise HcdError(f"{where}: {int(np.isnan(p).sum())} labels are NaN or not numbers (first id: {sub['id'][np.isnan(p)].iloc[0]})")
+        raise HcdError(f"{where}: {int(np.isnan(p).sum())} labels are NaN or not numbers (first id: {excerpt(sub['id'][np.isnan(p)].iloc[0])})")
     if (p < 0).any() or (p > 1).any():
         raise HcdError(f"{where}: labels must be probabilities in [0, 1] (found {p.min():.3g} .. {p.max():.3g})")
 

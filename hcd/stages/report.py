@@ -26,6 +26,7 @@ from hcd.atomic import Commit, clean_stale_temps, read_json
 from hcd.data.source import open_source
 from hcd.data.tiff import PatchError, decode_patch
 from hcd.errors import HcdError
+from hcd.model.meta import read_model_meta
 from hcd.pipeline.params import load_params
 from hcd.pipeline.table import REPORT_FIGURES as FIGURES
 from hcd.pipeline.table import per_backbone
@@ -113,6 +114,20 @@ def split_figure(path: Path, balance: dict) -> None:
     _save(fig, path)
 
 
+_EPOCH_KEYS = ("epoch", "train_loss", "val_loss", "val_auc")
+
+
+def _with_history(path: Path) -> dict:
+    """``model.json``, checked as inference checks it, with the per-epoch history the training figure draws."""
+    meta = read_model_meta(path)
+    runs = [(f"fold_models.{k}.history", f.get("history")) for k, f in enumerate(meta["fold_models"])] if meta.get("fold_models") else [("history", meta.get("history"))]
+    for key, hist in runs:
+        ok = isinstance(hist, list) and bool(hist) and all(isinstance(h, dict) and all(isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) for k in _EPOCH_KEYS) for h in hist)
+        if not ok:
+            raise HcdError(f"{path}: {key}: missing, or not a list of epochs with {', '.join(_EPOCH_KEYS)} (rerun train)")
+    return meta
+
+
 def training_figure(path: Path, metas: dict[str, dict]) -> None:
     plt = _plt()
     fig, axes = plt.subplots(2, len(metas), figsize=(4.2 * len(metas), 5.6), squeeze=False)
@@ -189,7 +204,7 @@ def report(model_jsons: dict[str, Path], scan_json: Path, scan_report: Path, raw
     """``model_jsons``: each backbone's model.json, in params.yaml's order; ``figures``: where each of FIGURES goes."""
     backbones = list(model_jsons)
     metrics = read_json(metrics_json)
-    metas = {b: read_json(path) for b, path in model_jsons.items()}
+    metas = {b: _with_history(path) for b, path in model_jsons.items()}
     names = [*backbones, "ensemble"]
     try:
         roc = pd.DataFrame(json.loads(roc_json.read_text())["roc"])

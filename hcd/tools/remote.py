@@ -26,8 +26,11 @@ from hcd.errors import HcdError, excerpt
 
 
 def _address(url: str) -> str:
-    """The remote's URL without a password (``ssh://user:secret@host`` -> ``ssh://user@host``)."""
-    return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1@", url)
+    """The remote's URL as safe to print: no password (``ssh://user:secret@host`` -> ``ssh://user@host``), no query
+    or fragment (a presigned URL's ``?X-Amz-Signature=…``, an Azure SAS token: ``…?…``), no control characters."""
+    url = re.sub(r"(//[^/@:]+):[^/@]*@", r"\1@", url)
+    url = re.sub(r"[?#].*", "?…", url, flags=re.S)
+    return "".join(c if c.isprintable() else "?" for c in url)[:300]
 
 
 def probe(name: str | None) -> tuple[str, str]:
@@ -50,6 +53,7 @@ def probe(name: str | None) -> tuple[str, str]:
         odb.fs.exists(odb.path)
     except Exception as exc:  # noqa: BLE001 - whatever the file system raises: refused, DNS, auth, permissions
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = re.sub(r"\w[\w+.-]*://\S+", lambda m: _address(m.group(0)), cause)  # a URL inside the message: as safe
         cause = "".join(c for c in cause if c.isprintable())[:200]
         raise HcdError(f"remote {name!r} ({address}): cannot connect: {cause}") from None
     return name, address

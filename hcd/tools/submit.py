@@ -17,8 +17,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-import pandas as pd
-
+from hcd.data.tables import read_csv_file
 from hcd.digests import git_revision
 from hcd.errors import HcdError
 from hcd.kaggleapi import authenticated_api, request_error, require_credentials
@@ -34,14 +33,12 @@ def message(params_file: Path, note: str | None = None) -> str:
 
 
 def check_submission(path: Path, test_index: Path) -> int:
-    try:
-        sub = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise HcdError(f"{path}: not found (run the pipeline first: dvc repro or snakemake --cores all)") from None
-    try:
-        expected = pd.read_csv(test_index, dtype={"id": str}, keep_default_na=False)["id"].tolist()
-    except FileNotFoundError:
-        raise HcdError(f"{test_index}: not found (the scan stage writes it; it lists sample_submission.csv's ids)") from None
+    if not path.exists():
+        raise HcdError(f"{path}: not found (run the pipeline first: dvc repro or snakemake --cores all)")
+    if not test_index.exists():
+        raise HcdError(f"{test_index}: not found (the scan stage writes it; it lists sample_submission.csv's ids)")
+    sub = read_csv_file(path)
+    expected = read_csv_file(test_index)["id"].tolist()
     validate_submission(sub, expected, str(path))
     return len(sub)
 
