@@ -150,3 +150,24 @@ def pytest_xdist_auto_num_workers(config):
     """One worker more than the cores: the end-to-end files spend part of their time waiting (on SLURM's
     status checks, on a kill's event, on process starts) and the extra worker fills it."""
     return (os.cpu_count() or 1) + 1
+
+
+BUNDLE_FIT = {"method": "stack", "backbones": ["cnn"], "weights": [1.3], "intercept": -0.2}  # the tiny bundle's stacker
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny cnn trained once on hand-made arrays and exported as a bundle (``export/``), TTA x2, the stacker
+    :data:`BUNDLE_FIT`: shared by the bundle tests and the untrusted-bundle corpus."""
+    import json
+
+    from hcd.pipeline.params import Params
+    from hcd.stages.export import export
+    from hcd.stages.train import train
+
+    root = training_arrays(tmp_path_factory.mktemp("bundle"), 64, learnable=True)
+    p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 48, "patience": 0}, "predict": {"tta": 2}})
+    train("cnn", p, root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", root / "models/cnn", root / "live", log=lambda m: None)
+    (root / "ensemble.json").write_text(json.dumps(BUNDLE_FIT))
+    export(p, {"cnn": root / "models/cnn"}, root / "ensemble.json", root / "export", log=lambda m: None)
+    return root

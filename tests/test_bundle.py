@@ -6,14 +6,13 @@ A tiny cnn is trained once on hand-made arrays; the engines export and infer on 
 from __future__ import annotations
 
 import io
-import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, training_arrays
+from conftest import BUNDLE_FIT, REPO
 
 from hcd.data.augment import tta_views
 from hcd.data.batches import PackedBatches, Preprocess
@@ -23,21 +22,14 @@ from hcd.model.bundle import load_bundle
 from hcd.model.inference import predict_probs
 from hcd.model.weights import load_models
 from hcd.pipeline.params import Params
-from hcd.stages.export import export
-from hcd.stages.train import train
 from hcd.tools.infer import infer
 
-FIT = {"method": "stack", "backbones": ["cnn"], "weights": [1.3], "intercept": -0.2}
+FIT = BUNDLE_FIT
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = training_arrays(tmp_path_factory.mktemp("bundle"), 64, learnable=True)
-    p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 48, "patience": 0}, "predict": {"tta": 2}})
-    train("cnn", p, root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", root / "models/cnn", root / "live", log=lambda m: None)
-    (root / "ensemble.json").write_text(json.dumps(FIT))
-    export(p, {"cnn": root / "models/cnn"}, root / "ensemble.json", root / "export", log=lambda m: None)
-    return root
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def pipeline_probs(root, rows: np.ndarray) -> np.ndarray:

@@ -23,18 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, training_arrays
+from conftest import REPO
 
 from hcd.data.tiff import encode_patch
 from hcd.errors import HcdError
-from hcd.pipeline.params import Params
-from hcd.stages.export import export
-from hcd.stages.train import train
 from hcd.tools.infer import infer
 
 PY = [sys.executable, "-m", "hcd"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HCD_THREADS": "1", "HCD_WORKERS": "1"}
-FIT = {"method": "stack", "backbones": ["cnn"], "weights": [1.3], "intercept": -0.2}
 
 
 def hcd(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -51,14 +47,11 @@ def one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """A tiny trained cnn exported as a bundle, and a few patches to predict."""
-    root = training_arrays(tmp_path_factory.mktemp("untrusted"), 64, learnable=True)
-    p = Params.model_validate({"backbones": ["cnn"], "train": {"epochs": 1, "batch_size": 16, "crop": 48, "patience": 0}, "predict": {"tta": 2}})
-    train("cnn", p, root / "x.npy", root / "index.csv", root / "split.csv", root / "stats.json", root / "models/cnn", root / "live", log=lambda m: None)
-    (root / "ensemble.json").write_text(json.dumps(FIT))
-    export(p, {"cnn": root / "models/cnn"}, root / "ensemble.json", root / "export", log=lambda m: None)
-    x = np.load(root / "x.npy")
+def made(tiny_bundle, tmp_path_factory):
+    """The tiny bundle (conftest), and a few patches to predict."""
+    root = tmp_path_factory.mktemp("untrusted")
+    shutil.copytree(tiny_bundle / "export", root / "export")
+    x = np.load(tiny_bundle / "x.npy")
     (root / "patches").mkdir()
     for r in range(3):
         (root / "patches" / f"{r:040x}.tif").write_bytes(encode_patch(x[r]))
