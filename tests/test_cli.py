@@ -108,3 +108,35 @@ def test_a_bad_value_says_where_it_came_from_and_how_to_undo_it(tmp_path):
     with pytest.raises(HcdError) as info:
         load_params(tmp_path / "params.yaml")
     assert "lr: Input should be greater than 0" in str(info.value) and "`git checkout params.yaml` restores it" in str(info.value)
+
+
+def test_on_the_demo_summary_shows_the_test_auc_of_unseen_slides_beside_validation(tmp_path):
+    import json
+
+    (tmp_path / "metrics").mkdir()
+    test = {"auc": 0.89, "auc_ci95": [0.86, 0.92], "n": 998}
+    (tmp_path / "metrics/metrics.json").write_text(json.dumps({"cnn": {"auc": 0.95, "auc_ci95": [0.93, 0.97], "test": test}, "ensemble": {"auc": 0.96, "auc_ci95": [0.94, 0.98], "test": test}}))
+    out = subprocess.run([sys.executable, "-m", "hcd", "summary", "--root", str(tmp_path)], env=ENV, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert "test AUC (95 % CI), unseen slides" in lines[0] and max(map(len, lines)) <= 120
+    assert "cnn          0.9500 (0.9300-0.9700)" in out and lines[2].rstrip().endswith("0.8900 (0.8600-0.9200)")
+    assert "what a split that mixes slides leaks" in out
+
+
+def test_the_metrics_stage_scores_the_demo_test_side_against_the_generators_labels(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from hcd.data.synth import truth
+    from hcd.pipeline.params import DemoParams
+    from hcd.stages.metrics import demo_test_scores
+
+    demo = DemoParams(n_train=40, n_test=60)
+    labels = truth(demo).test
+    rng = np.random.default_rng(0)
+    perfect = labels.assign(prob=labels["label"].astype(float))[["id", "prob"]].iloc[2:]  # two planted-unreadable ones: not predicted
+    perfect.to_csv(tmp_path / "cnn.csv", index=False)
+    labels.assign(label=rng.random(len(labels)))[["id", "label"]].to_csv(tmp_path / "sub.csv", index=False)
+    got = demo_test_scores(demo, {"cnn": tmp_path / "cnn.csv"}, tmp_path / "sub.csv", 200, 0)
+    assert got["cnn"]["auc"] == 1.0 and got["cnn"]["n"] == 58 and 0.2 < got["ensemble"]["auc"] < 0.8
+    assert set(got["cnn"]) == {"auc", "auc_ci95", "n"} and pd.Series(got["cnn"]["auc_ci95"]).between(0, 1).all()

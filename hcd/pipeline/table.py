@@ -252,12 +252,12 @@ STAGES: tuple[Stage, ...] = _gated((
     Stage(
         name="metrics",
         script="workflow/scripts/metrics.py",
-        args=("--val", f"{PREDICTIONS}/{ITEM}/val.csv", "--ensemble", ENSEMBLE_VAL, "--out", f"{METRICS}/metrics.json", "--summary", f"{METRICS}/summary.json", "--roc", ROC, "--prc", PRC, "--confusion", CONFUSION),
-        deps=(ENSEMBLE_VAL, *code_files("stages/metrics", "scoring", "data/tables", "summary")),
-        gather=(f"{PREDICTIONS}/{ITEM}/val.csv",),
+        args=("--val", f"{PREDICTIONS}/{ITEM}/val.csv", "--test", f"{PREDICTIONS}/{ITEM}/test.csv", "--ensemble", ENSEMBLE_VAL, "--submission", SUBMISSION, "--out", f"{METRICS}/metrics.json", "--summary", f"{METRICS}/summary.json", "--roc", ROC, "--prc", PRC, "--confusion", CONFUSION),
+        deps=(ENSEMBLE_VAL, SUBMISSION, *code_files("stages/metrics", "scoring", "data/tables", "summary", "data/synth")),
+        gather=(f"{PREDICTIONS}/{ITEM}/val.csv", f"{PREDICTIONS}/{ITEM}/test.csv"),
         outs=(CONFUSION,),  # one row per scored patch (the template counts them): 11.7 MB for Kaggle's 220,025 out-of-fold predictions, too big for git
         uncached=(f"{METRICS}/metrics.json", f"{METRICS}/summary.json", ROC, PRC),  # ROC and PRC thinned: 0.2 MB each at that size
-        params=("backbones", "metrics"),
+        params=("backbones", "metrics", "data.source", "data.demo"),  # the demo's test labels come from its params
         memory=(1000, 2.0),  # prediction tables, bootstrap
     ),
     Stage(

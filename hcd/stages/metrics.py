@@ -7,6 +7,11 @@ bootstrap 95 % interval, log loss, and accuracy / sensitivity / specificity at
 ``metrics/summary.json`` (the top-level DVC metric), and ROC, precision-recall and
 confusion-matrix data under ``plots/`` (top-level DVC plots).
 
+On the demo (``data.source: demo``), whose test labels the generator knows, each backbone's
+test predictions and the submission are scored too (``test`` in metrics.json, and a column of
+``hcd summary``): the validation AUC beside the test AUC of unseen slides shows what a random
+split's leak is worth, as it would on real data if Kaggle's test labels were public.
+
 With ``split.folds: K`` the predictions scored are out-of-fold (every labelled
 patch, each from the model that did not train on it), and each backbone and the
 ensemble also get the AUC of every fold with its mean, std, min and max
@@ -43,9 +48,9 @@ def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[keep]
 
 
-def evaluate(val_files: dict[str, Path], ensemble_val: Path, metrics_out: Path, summary_out: Path, curve_files: dict[str, Path], n_boot: int, seed: int, log=print) -> dict:
+def evaluate(val_files: dict[str, Path], ensemble_val: Path, metrics_out: Path, summary_out: Path, curve_files: dict[str, Path], n_boot: int, seed: int, log=print, tests: dict[str, dict] | None = None) -> dict:
     """``val_files``: each backbone's held-out predictions, in params.yaml's order; ``curve_files``: where
-    the ``roc``, ``prc`` and ``confusion`` data go."""
+    the ``roc``, ``prc`` and ``confusion`` data go; ``tests``: the demo's test scores (:func:`demo_test_scores`)."""
     backbones = list(val_files)
     sources = {**val_files, "ensemble": ensemble_val}
     out: dict = {}
@@ -70,6 +75,9 @@ def evaluate(val_files: dict[str, Path], ensemble_val: Path, metrics_out: Path, 
         if "folds" in m:
             log(f"metrics {name}: out-of-fold; AUC per fold {', '.join(f'{a:.4f}' for a in m['folds']['auc'])} (std {m['folds']['std']:.4f})")
         log(f"metrics {name}: AUC {m['auc']:.4f} [{m['auc_ci95'][0]:.4f}, {m['auc_ci95'][1]:.4f}], log loss {m['log_loss']:.4f}, accuracy {m['at_0.5']['accuracy']:.4f}")
+    for name, test in (tests or {}).items():  # the demo's test side, against the generator's labels
+        out[name]["test"] = test
+        log(f"metrics {name}: test AUC {test['auc']:.4f} [{test['auc_ci95'][0]:.4f}, {test['auc_ci95'][1]:.4f}] (demo test labels, {test['n']} patches of unseen slides)")
     best = max(backbones, key=lambda b: out[b]["auc"])
     out["summary"] = {"ensemble_auc": out["ensemble"]["auc"], "best_single": best, "best_single_auc": out[best]["auc"]}
     out["environment"] = env.environment()  # the versions behind these numbers (each model.json has its training's)
@@ -78,6 +86,24 @@ def evaluate(val_files: dict[str, Path], ensemble_val: Path, metrics_out: Path, 
             commit.path(curve_files[name]).write_text(json.dumps(obj, indent=2) + "\n")
         commit.json(metrics_out, out)
         commit.json(summary_out, {name: summary_entry(out[name]) for name in [*backbones, "ensemble"]})
+    return out
+
+
+def demo_test_scores(demo, test_files: dict[str, Path], submission: Path, n_boot: int, seed: int) -> dict[str, dict]:
+    """Each backbone's test predictions and the submission scored against the demo's test labels (the
+    generator's, as annotated: a few are disputed, as on real data)."""
+    from hcd.data.synth import truth
+
+    labels = truth(demo).test[["id", "label"]]
+    out = {}
+    for name, path in {**test_files, "ensemble": submission}.items():
+        try:
+            pred = pd.read_csv(path, dtype={"id": str})
+        except FileNotFoundError:
+            raise HcdError(f"{path}: not found (run predict / ensemble first)") from None
+        col = "prob" if "prob" in pred.columns else "label"
+        merged = labels.merge(pred[["id", col]].rename(columns={col: "p"}), on="id", how="inner")  # planted unreadable ones are not predicted
+        out[name] = {k: v for k, v in score(merged["label"].to_numpy(), merged["p"].to_numpy(dtype=float), n_boot, seed).items() if k in ("auc", "auc_ci95", "n")}
     return out
 
 
@@ -104,12 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--roc", required=True, help="ROC curve of each backbone and the ensemble: a DVC plot (plots/roc.json)")
     ap.add_argument("--prc", required=True, help="precision-recall curves (plots/prc.json)")
     ap.add_argument("--confusion", required=True, help="the ensemble's predictions at 0.5 against the labels (plots/confusion.json)")
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, metrics.*)")
+    ap.add_argument("--test", help="each backbone's test predictions (predictions/{item}/test.csv): scored on the demo, whose test labels are known")
+    ap.add_argument("--submission", help="the ensemble's test predictions (results/submission.csv): scored on the demo")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml; reads backbones, data, metrics.*)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
     curve_files = {"roc": Path(args.roc), "prc": Path(args.prc), "confusion": Path(args.confusion)}
     clean_stale_temps(args.out, args.summary, *curve_files.values())
-    evaluate(per_backbone(args.val, p.backbones), Path(args.ensemble), Path(args.out), Path(args.summary), curve_files, p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr))
+    tests = None
+    if p.data.source == "demo":
+        if not (args.test and args.submission):
+            raise HcdError("metrics: on the demo, --test and --submission score the test side against the generator's labels")
+        tests = demo_test_scores(p.data.demo, per_backbone(args.test, p.backbones), Path(args.submission), p.metrics.bootstrap, p.metrics.seed)
+    evaluate(per_backbone(args.val, p.backbones), Path(args.ensemble), Path(args.out), Path(args.summary), curve_files, p.metrics.bootstrap, p.metrics.seed, log=lambda m: print(m, file=sys.stderr), tests=tests)
     from hcd.summary import summary_lines  # the run's last words: what came out, and where
 
     print("\n".join(["", "hcd: this run's results", *summary_lines()]), file=sys.stderr)
